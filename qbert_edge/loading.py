@@ -120,6 +120,9 @@ def _finish(model, config, directory: Path, name: str) -> LoadedModel:
 
 def _load_dir(path: Path, name: str, num_labels: int | None) -> LoadedModel:
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     if not (path / "config.json").is_file():
         raise QbertEdgeError(f"{path}: not a transformers model directory (no config.json)")

@@ -43,8 +43,14 @@ def make_tokenizer():
     return tok
 
 
-def make_tiny_bert(num_labels: int | None = 2, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0):
-    """A tiny BertForSequenceClassification (or BertModel when ``num_labels`` is None), eval mode."""
+def make_tiny_bert(
+    num_labels: int | None = 2, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0, init_range: float = 0.02
+):
+    """A tiny BertForSequenceClassification (or BertModel when ``num_labels`` is None), eval mode.
+
+    With the default ``init_range`` a random BERT's outputs barely depend on its input; a larger
+    one (0.2 and up) gives logits that vary from sentence to sentence, like a trained model's.
+    """
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
@@ -59,6 +65,7 @@ def make_tiny_bert(num_labels: int | None = 2, layers: int = 2, hidden: int = 32
         type_vocab_size=2,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        initializer_range=init_range,
     )
     if num_labels is None:
         model = BertModel(config)
