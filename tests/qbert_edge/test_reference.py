@@ -1,0 +1,55 @@
+"""The reference-model helpers: cache location, atomic save, finding a finished model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_tiny_bert
+
+from qbert_edge import reference
+from qbert_edge.errors import QbertEdgeError
+
+
+def test_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("QBERT_EDGE_CACHE", str(tmp_path))
+    assert reference.cache_dir() == tmp_path / "minilm-rt"
+    assert reference.cache_dir(quick=True) == tmp_path / "minilm-rt-quick"
+    monkeypatch.delenv("QBERT_EDGE_CACHE")
+    assert reference.cache_dir().parts[-3:] == (".cache", "qbert-edge", "minilm-rt")
+
+
+def test_reference_dir_missing_says_how_to_build(tmp_path):
+    with pytest.raises(QbertEdgeError, match="no reference model in .*models/minilm-rt/recipe.py"):
+        reference.reference_dir(tmp_path / "minilm-rt")
+
+
+def test_save_reference_replaces_atomically(tmp_path):
+    out = tmp_path / "cache" / "minilm-rt"
+    info = {"format": reference.REFERENCE_FORMAT, "version": reference.REFERENCE_VERSION, "run": 1}
+    reference.save_reference(make_tiny_bert(), out, info)
+    assert reference.reference_dir(out) == out
+    for name in ("config.json", "model.safetensors", *reference.TOKENIZER_FILES):
+        assert (out / name).is_file(), name
+    reference.save_reference(make_tiny_bert(seed=1), out, {**info, "run": 2})
+    assert json.loads((out / "reference.json").read_text())["run"] == 2
+    assert sorted(p.name for p in out.parent.iterdir()) == ["minilm-rt"]  # no temporary or old dirs left
+
+
+def test_reference_dir_checks_format(tmp_path):
+    (tmp_path / "reference.json").write_text('{"format": "something-else", "version": 1}')
+    with pytest.raises(QbertEdgeError, match="expected 'qbert-edge-reference'"):
+        reference.reference_dir(tmp_path)
+
+
+@pytest.mark.slow
+def test_quick_recipe_end_to_end(tmp_path):
+    """Real base model, real data, a 2-step budget: the files and the report are all there."""
+    recipe = reference.ReferenceRecipe(max_steps=2, limit=64, batch_size=8)
+    info = reference.train_reference(recipe, out_dir=tmp_path / "m", progress=False)
+    assert info["quick"] and info["train"]["steps"] == 2 and info["train_examples"] == 64
+    assert info["dev"]["examples"] == 854 and 0.0 <= info["dev"]["accuracy"] <= 1.0
+    from qbert_edge.loading import load_model
+
+    loaded = load_model(str(reference.reference_dir(tmp_path / "m")))
+    assert tuple(loaded.labels) == ("negative", "positive")
