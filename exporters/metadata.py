@@ -10,19 +10,24 @@ Everything the runtime needs besides the graph travels in the ONNX file's ``meta
     qbert_edge.outputs         JSON list: ["logits"] or ["last_hidden_state", "pooler_output"]
     qbert_edge.labels          JSON list of class names (index = class id; [] for a bare encoder)
     qbert_edge.max_length      the sequence length the model was trained/evaluated with, e.g. "64"
-    qbert_edge.tokenizer       the tokenizer.json text (``tokenizers.Tokenizer.from_str``)
+    qbert_edge.tokenizer       the tokenizer.json text, zlib-compressed then base64-encoded (a BERT
+                               vocabulary is ~460 KB of JSON, ~3% of a 2-bit MiniLM; compressed ~240 KB)
+    qbert_edge.tokenizer_encoding  "zlib+base64" (or "json": the plain text)
     qbert_edge.plan            JSON plan summary: {"activation_bits": 8 | null,
                                "modules": {name: {"bits": b, "groups": g}}}; null for an fp32 model
     qbert_edge.source          JSON: {"method": ..., "source": ..., "qbert_edge_version": ...}
 
 :func:`metadata_props` builds the dict (sorted keys, deterministic JSON); :func:`model_info`
-reads and checks it back from a loaded ``onnx.ModelProto``. This module imports neither torch
-nor onnx at import time (the runtime may use it on a device).
+reads and checks it back (from an ``onnx.ModelProto`` or a key -> value dict) and decodes the
+tokenizer, so ``ModelInfo.tokenizer`` is always the plain JSON text. This module imports neither
+torch nor onnx (the runtime may use it on a device).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -33,6 +38,7 @@ VERSION = 1
 PREFIX = "qbert_edge."
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 TARGETS = ("portable", "ort")
+TOKENIZER_ENCODINGS = ("zlib+base64", "json")
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,20 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def encode_tokenizer(text: str) -> str:
+    """Compress tokenizer JSON for ``metadata_props`` (deterministic: zlib level 9, no header time)."""
+    return base64.b64encode(zlib.compress(text.encode("utf-8"), 9)).decode("ascii")
+
+
+def decode_tokenizer(value: str, encoding: str) -> str:
+    """Inverse of :func:`encode_tokenizer` (``encoding == "json"``: the value is the text)."""
+    if encoding == "json":
+        return value
+    if encoding != "zlib+base64":
+        raise ValueError(f"unknown tokenizer encoding {encoding!r}")
+    return zlib.decompress(base64.b64decode(value.encode("ascii"), validate=True)).decode("utf-8")
+
+
 def metadata_props(info: ModelInfo) -> dict[str, str]:
     """The ``metadata_props`` entries of ``info``, in a fixed order."""
     return {
@@ -73,13 +93,14 @@ def metadata_props(info: ModelInfo) -> dict[str, str]:
         PREFIX + "max_length": str(int(info.max_length)),
         PREFIX + "plan": _json(None if info.plan is None else dict(info.plan)),
         PREFIX + "source": _json(dict(info.source)),
-        PREFIX + "tokenizer": info.tokenizer,
+        PREFIX + "tokenizer_encoding": "zlib+base64",
+        PREFIX + "tokenizer": encode_tokenizer(info.tokenizer),
     }
 
 
 def model_info(model, name: str = "model.onnx") -> ModelInfo:
-    """Read and check the qbert-edge metadata of a loaded ``onnx.ModelProto``."""
-    props = {p.key: p.value for p in model.metadata_props}
+    """Read and check the qbert-edge metadata of an ``onnx.ModelProto`` or a ``{key: value}`` dict."""
+    props = dict(model) if isinstance(model, Mapping) else {p.key: p.value for p in model.metadata_props}
     fmt = props.get(PREFIX + "format")
     if fmt is None:
         raise QbertEdgeError(f"{name}: not a qbert-edge ONNX model (no {PREFIX}format metadata)")
@@ -100,11 +121,11 @@ def model_info(model, name: str = "model.onnx") -> ModelInfo:
             outputs=tuple(json.loads(props[PREFIX + "outputs"])),
             labels=tuple(json.loads(props[PREFIX + "labels"])),
             max_length=int(props[PREFIX + "max_length"]),
-            tokenizer=props[PREFIX + "tokenizer"],
+            tokenizer=decode_tokenizer(props[PREFIX + "tokenizer"], props.get(PREFIX + "tokenizer_encoding", "json")),
             plan=json.loads(props[PREFIX + "plan"]),
             source=json.loads(props.get(PREFIX + "source", "{}")),
         )
     except KeyError as exc:
         raise QbertEdgeError(f"{name}: qbert-edge metadata is missing {exc.args[0]!r}") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, zlib.error) as exc:
         raise QbertEdgeError(f"{name}: malformed qbert-edge metadata ({exc})") from None
