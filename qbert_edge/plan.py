@@ -91,6 +91,12 @@ class ModuleQuant:
     def rows_per_group(self) -> int:
         return self.shape[0] // self.groups
 
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes on the device: packed codes + one fp32 scale and one uint8 zero point per group."""
+        rows, cols = self.shape
+        return (rows * cols * self.bits + 7) // 8 + 5 * self.groups
+
     def validate(self, name: str) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise QbertEdgeError(f"plan: {name}: bits={self.bits!r} is out of range {MIN_BITS}..{MAX_BITS}")

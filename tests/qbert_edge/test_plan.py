@@ -92,3 +92,8 @@ def test_groups_for():
     assert groups_for(2, 128) == 2
     assert groups_for(30, 128) == 30
     assert groups_for(30, 8) == 6
+
+
+def test_packed_bytes_counts_codes_scales_and_zero_points():
+    q = ModuleQuant(bits=3, groups=128, shape=(768, 768))
+    assert q.packed_bytes == 768 * 768 * 3 // 8 + 128 * 5
