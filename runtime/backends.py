@@ -1,0 +1,316 @@
+"""The three backends that run an exported graph, and the onnxruntime settings they share.
+
+============  ==================================================================================
+backend       what runs the graph
+============  ==================================================================================
+ort           onnxruntime with its own low-bit kernels (``com.microsoft`` ``MatMulNBits`` /
+              ``GatherBlockQuantized``): a model exported with ``--target ort`` as it is, a
+              portable model rewritten at load time by :mod:`qbert_edge.runtime.native`.
+ort-custom    onnxruntime runs the portable graph; ``QMatMul``/``QGather`` run as Python custom
+              ops (:mod:`qbert_edge.runtime.ort_custom`) over the NumPy kernels, a tile at a time.
+reference     ``onnx.reference.ReferenceEvaluator`` with the NumPy op classes of
+              :mod:`qbert_edge.runtime.reference`: for correctness, not for speed or memory.
+============  ==================================================================================
+
+:func:`create` builds one from a :class:`~qbert_edge.runtime.loader.LoadedGraph`. Weights are
+never copied into onnxruntime: they are handed over as external initializers that point at the
+memory-mapped file (``SessionOptions.add_external_initializers``). The onnxruntime settings that
+change memory are in :class:`RuntimeOptions`; docs/runtime.md has the measurements behind the
+defaults. This module does not tokenize and does not read metadata (see ``session``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from qbert_edge.errors import QbertEdgeError
+
+log = logging.getLogger(__name__)
+
+#: name -> (python modules it needs, pip requirement to install them, one-line description)
+BACKENDS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "ort": (("onnxruntime",), "onnxruntime", "onnxruntime's own low-bit kernels (fastest)"),
+    "ort-custom": (
+        ("onnxruntime", "onnxruntime_extensions"),
+        "onnxruntime onnxruntime-extensions",
+        "onnxruntime + our ops as Python custom ops (leanest)",
+    ),
+    "reference": (("onnx",), "onnx", "onnx.reference with NumPy kernels (correctness only)"),
+}
+#: ``auto`` picks the first of these whose packages are installed (a 32-bit Raspberry Pi OS has
+#: no onnxruntime wheel: it gets ``reference``).
+AUTO_ORDER = ("ort", "ort-custom", "reference")
+#: Intra-op threads by default: the physical cores, at most this many (a Pi 4/5 has 4).
+MAX_DEFAULT_THREADS = 4
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+
+OP_DOMAIN = "qbert_edge"
+OP_VERSION = 1
+OP_LAYOUT = "dense-le-v1"
+KNOWN_OPS = ("QMatMul", "QGather")
+
+
+def default_threads() -> int:
+    """Physical cores, capped at :data:`MAX_DEFAULT_THREADS` (``psutil``; logical cores if unknown)."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        cores = None
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_THREADS, cores))
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """onnxruntime settings (ignored by ``reference``). See docs/runtime.md for what each costs.
+
+    ``threads``: intra-op threads (None: :func:`default_threads`). ``arena``: onnxruntime's CPU
+    memory arena (keeps freed activation blocks; off saves DRAM). ``prepacking``: let kernels keep a
+    re-laid-out copy of constant weights (a second copy of every prepacked weight). ``optimization``:
+    graph optimization level. ``mem_pattern``: plan activation buffers per input shape.
+    """
+
+    threads: int | None = None
+    arena: bool = False
+    prepacking: bool = False
+    optimization: str = "all"
+    mem_pattern: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise QbertEdgeError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise QbertEdgeError(
+                f"unknown optimization level {self.optimization!r} (use {', '.join(OPTIMIZATION_LEVELS)})"
+            )
+
+    @property
+    def resolved_threads(self) -> int:
+        return self.threads or default_threads()
+
+    def session_options(self):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.resolved_threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.enable_cpu_mem_arena = self.arena
+        so.enable_mem_pattern = self.mem_pattern
+        so.graph_optimization_level = {
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization]
+        if not self.prepacking:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        so.log_severity_level = 3  # errors only: warnings become our one-line messages
+        return so
+
+
+def missing_packages(backend: str) -> list[str]:
+    """Python modules ``backend`` needs that are not installed."""
+    return [m for m in BACKENDS[backend][0] if importlib.util.find_spec(m) is None]
+
+
+def resolve(backend: str | None) -> str:
+    """A backend name from ``backend`` (``None``/``"auto"``: the first installed of AUTO_ORDER)."""
+    if backend in (None, "auto"):
+        for name in AUTO_ORDER:
+            if not missing_packages(name):
+                if name != AUTO_ORDER[0]:
+                    log.warning("backend %s is not installed; using %s", AUTO_ORDER[0], name)
+                return name
+        raise QbertEdgeError("no backend is installed: pip install onnxruntime (or onnx for the reference backend)")
+    if backend not in BACKENDS:
+        raise QbertEdgeError(f"unknown backend {backend!r} (choose one of: auto, {', '.join(BACKENDS)})")
+    missing = missing_packages(backend)
+    if missing:
+        raise QbertEdgeError(
+            f"backend {backend} needs {', '.join(missing)}: pip install {BACKENDS[backend][1]}"
+        )
+    return backend
+
+
+def check_ops(model, name: str = "model.onnx") -> bool:
+    """Check every ``qbert_edge`` node against what this runtime implements; True if there are any."""
+    from onnx import helper
+
+    for opset in model.opset_import:
+        if opset.domain == OP_DOMAIN and opset.version > OP_VERSION:
+            raise QbertEdgeError(
+                f"{name}: uses {OP_DOMAIN} opset {opset.version}; this runtime reads up to {OP_VERSION}: upgrade qbert-edge"
+            )
+    found = False
+    for node in model.graph.node:
+        if node.domain != OP_DOMAIN:
+            continue
+        found = True
+        if node.op_type not in KNOWN_OPS:
+            raise QbertEdgeError(f"{name}: unknown {OP_DOMAIN} op {node.op_type!r}: upgrade qbert-edge")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        version = int(attrs.get("version", 1))
+        if version > OP_VERSION:
+            raise QbertEdgeError(
+                f"{name}: {node.op_type} version {version} is newer than this runtime (up to {OP_VERSION}): upgrade qbert-edge"
+            )
+        layout = attrs.get("layout", OP_LAYOUT.encode())
+        layout = layout.decode() if isinstance(layout, bytes) else layout
+        if layout != OP_LAYOUT:
+            raise QbertEdgeError(f"{name}: {node.op_type} uses packing layout {layout!r}; this runtime reads {OP_LAYOUT!r}")
+    return found
+
+
+class Backend:
+    """Runs a graph: ``run(feeds) -> {output name: array}``."""
+
+    name = ""
+
+    def __init__(self, input_names: list[str], output_names: list[str]) -> None:
+        self.input_names = input_names
+        self.output_names = output_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the backend holds outside itself (custom-op weights)."""
+
+
+def _graph_io(model, initializers: set[str]) -> tuple[list[str], list[str]]:
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    return inputs, [o.name for o in model.graph.output]
+
+
+class OrtBackend(Backend):
+    """An onnxruntime session over ``model`` with ``weights`` as external initializers."""
+
+    name = "ort"
+
+    def __init__(self, model, weights: dict[str, np.ndarray], options: RuntimeOptions, name: str,
+                 custom_ops: bool = False) -> None:
+        import onnxruntime as ort
+
+        from qbert_edge.runtime.loader import placeholder
+
+        so = options.session_options()
+        if custom_ops:
+            from qbert_edge.runtime import ort_custom
+
+            so.register_custom_ops_library(ort_custom.library_path())
+        for w_name, arr in weights.items():
+            model.graph.initializer.append(placeholder(w_name, arr))
+        if weights:
+            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
+            so.add_external_initializers(list(weights), values)
+            self._keep = values  # onnxruntime reads the arrays' memory for the session's lifetime
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise QbertEdgeError(f"{name}: onnxruntime cannot load this model ({_first_line(exc)})") from None
+        super().__init__([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        outputs = self.session.run(None, feeds)
+        return dict(zip(self.output_names, outputs))
+
+
+class OrtCustomBackend(OrtBackend):
+    """onnxruntime over the portable graph with our ops as keyed Python custom ops."""
+
+    name = "ort-custom"
+
+    def __init__(self, model, weights: dict[str, np.ndarray], options: RuntimeOptions, name: str) -> None:
+        from qbert_edge.runtime import ort_custom
+
+        self.scope = ort_custom.new_scope()
+        try:
+            unused = ort_custom.rewrite(model, weights, self.scope, name)
+            weights = {k: v for k, v in weights.items() if k not in unused}
+            kept = [t for t in model.graph.initializer if t.name not in unused]
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(kept)
+            super().__init__(model, weights, options, name, custom_ops=True)
+        except BaseException:
+            ort_custom.release(self.scope)
+            raise
+
+    def close(self) -> None:
+        from qbert_edge.runtime import ort_custom
+
+        ort_custom.release(self.scope)
+
+
+class ReferenceBackend(Backend):
+    """``onnx.reference.ReferenceEvaluator``; the mapped weights are passed as extra inputs."""
+
+    name = "reference"
+
+    def __init__(self, model, weights: dict[str, np.ndarray], name: str) -> None:
+        from onnx import helper
+        from onnx.reference import ReferenceEvaluator
+
+        from qbert_edge.runtime import reference
+
+        for w_name, arr in weights.items():
+            elem = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            model.graph.input.append(helper.make_tensor_value_info(w_name, elem, list(arr.shape)))
+        self.weights = weights
+        try:
+            self.evaluator = ReferenceEvaluator(model, new_ops=list(reference.OPS))
+        except Exception as exc:
+            raise QbertEdgeError(f"{name}: the reference evaluator cannot load this model ({_first_line(exc)})") from None
+        super().__init__(*_graph_io(model, set(weights) | {t.name for t in model.graph.initializer}))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        outputs = self.evaluator.run(None, {**feeds, **self.weights})
+        return dict(zip(self.output_names, outputs))
+
+
+def create(backend: str, graph, options: RuntimeOptions | None = None) -> Backend:
+    """Build ``backend`` (a name from :data:`BACKENDS`) over a loaded graph."""
+    options = options or RuntimeOptions()
+    name = str(graph.path)
+    has_ops = check_ops(graph.model, name)
+    model = _copy(graph.model)
+    weights = dict(graph.weights)
+    if backend == "reference":
+        return ReferenceBackend(model, weights, name)
+    if backend == "ort-custom":
+        if not has_ops:
+            log.info("%s has no %s ops; ort-custom runs it as plain onnxruntime", name, OP_DOMAIN)
+        return OrtCustomBackend(model, weights, options, name)
+    if backend == "ort":
+        if has_ops:
+            from qbert_edge.runtime import native
+
+            model, weights = native.rewrite_graph(model, weights, name=name)
+        return OrtBackend(model, weights, options, name)
+    raise QbertEdgeError(f"unknown backend {backend!r} (choose one of: auto, {', '.join(BACKENDS)})")
+
+
+def _copy(model):
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    # onnxruntime prefixes "[ONNXRuntimeError] : 1 : FAIL : ..." - keep the message part
+    if "] :" in line:
+        line = line.rsplit(" : ", 1)[-1]
+    return line[:300]
