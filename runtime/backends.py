@@ -169,6 +169,34 @@ def check_ops(model, name: str = "model.onnx") -> bool:
     return found
 
 
+def index_limits(model, weights: dict[str, np.ndarray]) -> dict[str, int]:
+    """Graph inputs used as table indices -> the table's row count (``input_ids`` -> vocabulary).
+
+    onnxruntime's ``GatherBlockQuantized`` does not check its indices, so the session checks
+    them before running any backend.
+    """
+    from onnx import helper
+
+    inputs = {i.name for i in model.graph.input}
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    shapes.update({k: v.shape for k, v in weights.items()})
+    limits: dict[str, int] = {}
+    for node in model.graph.node:
+        rows, index = None, None
+        if node.domain == OP_DOMAIN and node.op_type == "QGather" and len(node.input) > 3:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            rows, index = attrs.get("rows"), node.input[3]
+        elif node.domain in ("", "ai.onnx") and node.op_type == "Gather" and len(node.input) > 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if axis == 0 and shapes.get(node.input[0]):
+                rows, index = shapes[node.input[0]][0], node.input[1]
+        elif node.op_type == "GatherBlockQuantized" and len(node.input) > 1 and shapes.get(node.input[0]):
+            rows, index = shapes[node.input[0]][0], node.input[1]
+        if rows and index in inputs:
+            limits[index] = min(int(rows), limits.get(index, int(rows)))
+    return limits
+
+
 class Backend:
     """Runs a graph: ``run(feeds) -> {output name: array}``."""
 
@@ -244,6 +272,17 @@ class OrtCustomBackend(OrtBackend):
             ort_custom.release(self.scope)
             raise
 
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from qbert_edge.runtime import ort_custom
+
+        try:
+            out = super().run(feeds)
+        finally:
+            error = ort_custom.take_error(self.scope)
+        if error:
+            raise RuntimeError(error)
+        return out
+
     def close(self) -> None:
         from qbert_edge.runtime import ort_custom
 
@@ -294,7 +333,9 @@ def create(backend: str, graph, options: RuntimeOptions | None = None) -> Backen
         if has_ops:
             from qbert_edge.runtime import native
 
-            model, weights = native.rewrite_graph(model, weights, name=name)
+            model, weights = native.native_rewrite(model, weights, strict=False)
+            if check_ops(model, name):  # shapes MatMulNBits cannot hold keep our op (logged by native)
+                return OrtCustomBackend(model, weights, options, name)
         return OrtBackend(model, weights, options, name)
     raise QbertEdgeError(f"unknown backend {backend!r} (choose one of: auto, {', '.join(BACKENDS)})")
 

@@ -13,8 +13,8 @@ initializers cut out. Pages are read on demand and are clean file-backed memory:
 process's RSS once, and the kernel can drop them under pressure. Backends hand the views to
 onnxruntime (``SessionOptions.add_external_initializers``) or to the reference evaluator.
 
-Views of misaligned data are copied to aligned arrays (``ALIGN``); the exporter aligns its
-initializers when it can, so this is rare. This module does not run models and does not know
+Views of misaligned multi-byte data (fp32 scales, biases, LayerNorm weights) are copied to
+aligned arrays; packed uint8 codes, the bulk of a quantized model, never are. This module does not run models and does not know
 about the ``qbert_edge`` ops.
 """
 
@@ -29,8 +29,6 @@ import numpy as np
 
 from qbert_edge.errors import QbertEdgeError
 
-#: Views whose address is not a multiple of this many bytes are copied (SIMD loads like 16+).
-ALIGN = 16
 #: Initializers up to this many bytes stay in the graph (shape constants, epsilons): graph
 #: optimizers and constant folding read them, and copying them costs nothing.
 SMALL_BYTES = 1024
@@ -100,6 +98,7 @@ def placeholder(name: str, arr: np.ndarray):
 def load_graph(path: str | os.PathLike) -> LoadedGraph:
     """Map ``path`` and split it into graph and weights; one-line errors for bad files."""
     import onnx
+    from onnx import numpy_helper
 
     path = Path(path)
     try:
@@ -143,6 +142,9 @@ def load_graph(path: str | os.PathLike) -> LoadedGraph:
         elif tensor.data_location == onnx.TensorProto.EXTERNAL:
             arr, extra = _external(path, tensor, external)
             total += extra
+            if arr.nbytes <= SMALL_BYTES:  # shape constants: onnxruntime reads them while loading
+                model.graph.initializer.append(numpy_helper.from_array(np.array(arr), tensor.name))
+                continue
         else:  # typed fields (float_data, int64_data, ...): small; keep it in the graph
             model.graph.initializer.append(tensor)
             continue
@@ -262,7 +264,7 @@ def _view(buffer, tensor, span: tuple[int, int], path: Path) -> np.ndarray:
             f"{path}: initializer {tensor.name!r} holds {length} bytes, its shape {list(shape)} needs {count * dtype.itemsize}"
         )
     arr = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
-    if arr.ctypes.data % ALIGN:
+    if arr.ctypes.data % dtype.itemsize:
         arr = arr.copy()
         arr.flags.writeable = False
     return arr

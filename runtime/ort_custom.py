@@ -59,6 +59,7 @@ class QWeight:
 
 
 _REGISTRY: dict[str, QWeight] = {}
+_ERRORS: dict[str, str] = {}
 _LOCK = threading.Lock()
 _COUNTER = itertools.count()
 
@@ -73,6 +74,7 @@ def release(scope: str) -> None:
     with _LOCK:
         for key in [k for k in _REGISTRY if k.startswith(scope + "/")]:
             del _REGISTRY[key]
+        _ERRORS.pop(scope, None)
 
 
 def registered(scope: str) -> dict[str, QWeight]:
@@ -89,9 +91,12 @@ def registered(scope: str) -> dict[str, QWeight]:
 )
 def _qmatmul(x, key):
     w = _REGISTRY[key]
-    return kernels.qmatmul(
-        x, w.packed, w.scales, w.zero_points, w.bias, bits=w.bits, n=w.rows, k=w.cols, groups=w.groups
-    )
+    try:
+        return kernels.qmatmul(
+            x, w.packed, w.scales, w.zero_points, w.bias, bits=w.bits, n=w.rows, k=w.cols, groups=w.groups
+        )
+    except Exception as exc:
+        return _failed(key, exc, tuple(np.shape(x))[:-1] + (w.rows,))
 
 
 @onnx_op(
@@ -103,9 +108,36 @@ def _qmatmul(x, key):
 )
 def _qgather(indices, key):
     w = _REGISTRY[key]
-    return kernels.qgather(
-        w.packed, w.scales, w.zero_points, indices, bits=w.bits, rows=w.rows, cols=w.cols, groups=w.groups
-    )
+    try:
+        return kernels.qgather(
+            w.packed, w.scales, w.zero_points, indices, bits=w.bits, rows=w.rows, cols=w.cols, groups=w.groups
+        )
+    except Exception as exc:
+        return _failed(key, exc, tuple(np.shape(indices)) + (w.cols,))
+
+
+def _failed(key: str, exc: Exception, shape: tuple[int, ...]) -> np.ndarray:
+    """Record a kernel error and return zeros of the output's shape.
+
+    An exception that leaves a Python custom op aborts the whole process (it crosses
+    onnxruntime's C API), so the kernels never raise: the backend checks :func:`take_error`
+    after each run and raises it as a one-line error.
+    """
+    scope = key.split("/", 1)[0]
+    with _LOCK:
+        _ERRORS.setdefault(scope, f"{w_op(key)}: {exc}")
+    return np.zeros(shape, np.float32)
+
+
+def w_op(key: str) -> str:
+    w = _REGISTRY.get(key)
+    return f"{w.op} node {key}" if w else key
+
+
+def take_error(scope: str) -> str | None:
+    """The first kernel error of ``scope`` since the last call, and forget it."""
+    with _LOCK:
+        return _ERRORS.pop(scope, None)
 
 
 def _invoke(k_id, feed, attributes):

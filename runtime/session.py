@@ -84,6 +84,7 @@ class Session:
         self.static_bytes = graph.file_bytes
         self._tokenizer = None
         self.max_length = max_length or (self.info.max_length if self.info else None)
+        self._limits = _backends.index_limits(graph.model, graph.weights)
         self._backend = _backends.create(self.backend_name, graph, self.options)
         del graph  # the backend holds what it needs: mapped weights, no parsed copy
 
@@ -152,6 +153,10 @@ class Session:
             if shape is not None and arr.shape != shape:
                 raise QbertEdgeError(f"{self.path}: input {name} has shape {list(arr.shape)}, others {list(shape)}")
             shape = arr.shape
+            limit = self._limits.get(name)
+            if limit is not None and (arr.min() < 0 or arr.max() >= limit):
+                bad = int(arr.max()) if arr.max() >= limit else int(arr.min())
+                raise QbertEdgeError(f"{self.path}: {name} holds {bad}, outside the model's table of {limit} rows")
             out[name] = np.ascontiguousarray(arr, dtype=np.int64)
         return out
 
@@ -173,7 +178,9 @@ class Session:
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
                batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """float32 ``[len(texts), classes]`` logits, computed ``batch_size`` texts at a time."""
-        if self.info is None or "logits" not in self.output_names:
+        if self.info is None:
+            raise QbertEdgeError(f"{self.path}: has no qbert-edge metadata (tokenizer, labels); export it with qbert-edge export")
+        if "logits" not in self.output_names:
             raise QbertEdgeError(f"{self.path}: is a bare encoder (no logits output); use run() for its hidden states")
         texts = list(texts)
         if not texts:

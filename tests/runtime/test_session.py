@@ -1,0 +1,233 @@
+"""Session and backends on tiny inline ONNX classifiers: agreement, predictions, bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+
+from _tiny_onnx import numpy_logits, save, tiny_classifier
+from qbert_edge.errors import QbertEdgeError
+from qbert_edge.runtime import backends
+from qbert_edge.runtime.backends import RuntimeOptions
+from qbert_edge.runtime.loader import load_graph
+from qbert_edge.runtime.session import Session, softmax
+
+TEXTS = ["a brilliant and moving film", "the worst movie ever", "a boring , dull mess", "i love this story"]
+ALL = ["reference", "ort-custom", "ort"]
+#: Backends agree to fp32 rounding of different summation orders; the tiny logits are O(10).
+ATOL, RTOL = 1e-4, 1e-4
+
+
+@pytest.fixture
+def tiny_model(tmp_path, tiny_tokenizer):
+    model, weights = tiny_classifier(tiny_tokenizer)
+    return save(model, tmp_path / "tiny.onnx"), weights
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_backend_matches_numpy_math(tiny_model, backend):
+    path, weights = tiny_model
+    with Session(path, backend=backend) as s:
+        feeds = s.encode(TEXTS)
+        got = s.logits(TEXTS)
+    np.testing.assert_allclose(got, numpy_logits(weights, feeds), rtol=RTOL, atol=ATOL)
+
+
+def test_backends_agree_on_logits_and_labels(tiny_model):
+    path, _ = tiny_model
+    results = {}
+    for backend in ALL:
+        with Session(path, backend=backend) as s:
+            results[backend] = (s.logits(TEXTS), [p.label for p in s.predict(TEXTS)])
+    ref_logits, ref_labels = results["reference"]
+    for backend, (logits, labels) in results.items():
+        np.testing.assert_allclose(logits, ref_logits, rtol=RTOL, atol=ATOL, err_msg=backend)
+        assert labels == ref_labels, backend
+
+
+def test_ort_backend_runs_onnxruntime_native_ops(tiny_model):
+    with Session(tiny_model[0], backend="ort") as s:
+        ops = {n.op_type for n in onnx.load(tiny_model[0]).graph.node}
+        assert {"QMatMul", "QGather"} <= ops
+        assert type(s._backend).__name__ == "OrtBackend"  # every op became MatMulNBits/GatherBlockQuantized
+
+
+def test_predict_labels_and_probabilities(tiny_model):
+    path, weights = tiny_model
+    with Session(path, backend="ort-custom") as s:
+        preds = s.predict(TEXTS, batch_size=3)
+        expected = softmax(numpy_logits(weights, s.encode(TEXTS)))
+    assert [p.text for p in preds] == TEXTS
+    for p, row in zip(preds, expected):
+        assert p.label == ("negative", "positive")[int(row.argmax())]
+        assert p.label_id == int(row.argmax())
+        assert sum(p.probabilities.values()) == pytest.approx(1.0)
+        assert p.probabilities["positive"] == pytest.approx(row[1], rel=1e-4)
+
+
+def test_run_takes_raw_feeds_and_checks_them(tiny_model):
+    path, weights = tiny_model
+    feeds = {"input_ids": np.array([[2, 10, 11, 3]]), "attention_mask": np.ones((1, 4), np.int32),
+             "token_type_ids": np.zeros((1, 4), np.int64)}
+    with Session(path, backend="ort-custom") as s:
+        out = s.run(feeds)
+        np.testing.assert_allclose(out["logits"], numpy_logits(weights, feeds), rtol=RTOL, atol=ATOL)
+        with pytest.raises(QbertEdgeError, match="missing input"):
+            s.run({"input_ids": feeds["input_ids"]})
+        with pytest.raises(QbertEdgeError, match="must be integers"):
+            s.run({**feeds, "input_ids": feeds["input_ids"].astype(np.float32)})
+        with pytest.raises(QbertEdgeError, match="shape"):
+            s.run({**feeds, "attention_mask": np.ones((1, 5), np.int64)})
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_out_of_vocabulary_index_is_a_one_line_error(tiny_model, backend):
+    path, _ = tiny_model
+    feeds = {"input_ids": np.array([[2, 10_000, 3]]), "attention_mask": np.ones((1, 3), np.int64),
+             "token_type_ids": np.zeros((1, 3), np.int64)}
+    with Session(path, backend=backend) as s:
+        with pytest.raises(QbertEdgeError, match="input_ids holds 10000, outside the model's table of 58 rows"):
+            s.run(feeds)
+        with pytest.raises(QbertEdgeError, match="token_type_ids holds -1"):
+            s.run({**feeds, "input_ids": np.array([[2, 5, 3]]), "token_type_ids": -np.ones((1, 3), np.int64)})
+
+
+def test_kernel_errors_in_python_ops_do_not_abort(tiny_model):
+    """An exception inside a Python custom op would abort the process; it becomes a one-line error."""
+    path, _ = tiny_model
+    feeds = {"input_ids": np.array([[2, 10_000, 3]]), "attention_mask": np.ones((1, 3), np.int64),
+             "token_type_ids": np.zeros((1, 3), np.int64)}
+    with Session(path, backend="ort-custom") as s:
+        with pytest.raises(QbertEdgeError, match="backend ort-custom failed: QGather .*out of range") as err:
+            s._limits.clear()  # bypass the session's own check to reach the kernel
+            s.run(feeds)
+        assert "\n" not in str(err.value)
+        assert s.run({**feeds, "input_ids": np.array([[2, 5, 3]])})["logits"].shape == (1, 2)  # still usable
+
+
+def test_ort_custom_keeps_weights_out_of_onnxruntime(tiny_model):
+    from qbert_edge.runtime import ort_custom
+
+    path, _ = tiny_model
+    s = Session(path, backend="ort-custom")
+    scope = s._backend.scope
+    held = ort_custom.registered(scope)
+    assert sorted(w.op for w in held.values()) == ["QGather", "QMatMul", "QMatMul"]
+    emb = next(w for w in held.values() if w.op == "QGather")
+    assert emb.packed.base is not None and not emb.packed.flags.owndata  # a view of the mapped file
+    s.close()
+    assert ort_custom.registered(scope) == {}
+
+
+def test_loader_maps_weights_without_copying(tiny_model, tmp_path):
+    path, _ = tiny_model
+    graph = load_graph(path)
+    full = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    assert set(graph.weights) | {t.name for t in graph.model.graph.initializer} == set(full)
+    assert "emb.packed" in graph.weights and "minus1" not in graph.weights  # small constants stay in the graph
+    for name, arr in graph.weights.items():
+        np.testing.assert_array_equal(arr, full[name])
+        assert not arr.flags.writeable
+
+
+def test_loader_reads_external_data(tiny_model, tmp_path, tiny_tokenizer):
+    model, weights = tiny_classifier(tiny_tokenizer)
+    ext = tmp_path / "ext.onnx"
+    onnx.save(model, str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    with Session(ext, backend="ort-custom") as a, Session(tiny_model[0], backend="ort-custom") as b:
+        np.testing.assert_array_equal(a.logits(TEXTS), b.logits(TEXTS))
+        assert a.static_bytes > (tmp_path / "ext.onnx.data").stat().st_size
+
+
+def test_auto_backend_and_threads(tiny_model):
+    with Session(tiny_model[0], options=RuntimeOptions(threads=1)) as s:
+        assert s.backend == backends.AUTO_ORDER[0]
+    assert 1 <= backends.default_threads() <= backends.MAX_DEFAULT_THREADS
+    with pytest.raises(QbertEdgeError, match="threads"):
+        RuntimeOptions(threads=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_not_onnx(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text('{"this": "is json"}\n' * 20)
+    with pytest.raises(QbertEdgeError, match="not an ONNX model"):
+        Session(bad, backend="ort-custom")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(QbertEdgeError, match="empty file"):
+        Session(empty)
+    with pytest.raises(QbertEdgeError, match="no such file"):
+        Session(tmp_path / "missing.onnx")
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.7, 0.99])
+def test_truncated_file(tiny_model, tmp_path, fraction):
+    data = open(tiny_model[0], "rb").read()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(QbertEdgeError, match="truncated"):
+        Session(cut, backend="ort-custom")
+
+
+def test_model_without_metadata(tmp_path, tiny_tokenizer):
+    model, weights = tiny_classifier(tiny_tokenizer, metadata=False)
+    path = save(model, tmp_path / "bare.onnx")
+    with pytest.raises(QbertEdgeError, match="not a qbert-edge ONNX model"):
+        Session(path, backend="ort-custom")
+    with Session(path, backend="ort-custom", require_metadata=False) as s:  # raw run still works
+        feeds = {"input_ids": np.array([[2, 9, 3]]), "attention_mask": np.ones((1, 3), np.int64),
+                 "token_type_ids": np.zeros((1, 3), np.int64)}
+        np.testing.assert_allclose(s.run(feeds)["logits"], numpy_logits(weights, feeds), rtol=RTOL, atol=ATOL)
+        with pytest.raises(QbertEdgeError, match="no qbert-edge metadata"):
+            s.predict(["a film"])
+
+
+def test_newer_op_version(tmp_path, tiny_tokenizer):
+    model, _ = tiny_classifier(tiny_tokenizer, op_version=2)
+    path = save(model, tmp_path / "v2.onnx")
+    for backend in ("reference", "ort-custom"):
+        with pytest.raises(QbertEdgeError, match="QGather version 2 is newer than this runtime"):
+            Session(path, backend=backend)
+    model, _ = tiny_classifier(tiny_tokenizer)
+    for opset in model.opset_import:
+        if opset.domain == "qbert_edge":
+            opset.version = 3
+    with pytest.raises(QbertEdgeError, match="opset 3"):
+        Session(save(model, tmp_path / "opset3.onnx"))
+
+
+def test_empty_and_long_texts(tiny_model, caplog):
+    with Session(tiny_model[0], backend="ort-custom") as s:
+        with pytest.raises(QbertEdgeError, match="text 2 is empty"):
+            s.predict(["a film", "   "])
+        with pytest.raises(QbertEdgeError, match="no texts"):
+            s.predict([])
+        long_text = " ".join(["good"] * 100)
+        with caplog.at_level(logging.WARNING):
+            preds = s.predict([long_text])
+        assert "truncated" in caplog.text
+        assert s.encode([long_text])["input_ids"].shape[1] == s.max_length == 16
+        assert preds[0].label in ("negative", "positive")
+
+
+def test_unknown_and_missing_backends(tiny_model, monkeypatch):
+    with pytest.raises(QbertEdgeError, match="unknown backend 'tensorrt'"):
+        Session(tiny_model[0], backend="tensorrt")
+    monkeypatch.setitem(backends.BACKENDS, "ort-custom",
+                        (("onnxruntime", "no_such_module_qbert"), "onnxruntime-extensions", "test"))
+    with pytest.raises(QbertEdgeError, match="pip install onnxruntime-extensions"):
+        Session(tiny_model[0], backend="ort-custom")
+
+
+def test_auto_falls_back_when_onnxruntime_is_missing(monkeypatch, caplog):
+    monkeypatch.setattr(backends, "missing_packages", lambda b: [] if b == "reference" else ["onnxruntime"])
+    with caplog.at_level(logging.WARNING):
+        assert backends.resolve("auto") == "reference"
+    assert "not installed" in caplog.text
