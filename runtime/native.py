@@ -1,0 +1,202 @@
+"""Rewrite a portable graph to onnxruntime's own low-bit kernels (pure onnx + NumPy, no torch).
+
+``qbert_edge::QMatMul`` becomes ``com.microsoft::MatMulNBits`` and ``qbert_edge::QGather``
+becomes ``com.microsoft::GatherBlockQuantized``, with the same numbers:
+
+- onnxruntime 1.32's CPU kernels take 2, 4 and 8 bits (measured: 3 and 5 are refused at session
+  creation). Widths 3, 5, 6, 7 are *widened* (3 -> 4, 5..7 -> 8): every code and zero point still
+  fits, so the result is exactly the same; only the bytes grow. docs/export.md has the measurement
+  behind widening rather than keeping the custom op.
+- Our groups are blocks of output rows; MatMulNBits' blocks run along K inside one row. A row's
+  group scale and zero point are repeated over its ``K / block_size`` blocks, which expresses our
+  quantization exactly. ``block_size`` is the largest power of two >= 16 dividing K, at most
+  :data:`MAX_BLOCK` (onnxruntime refuses 2-bit blocks above 256).
+- ``dense-le-v1`` packs a row-major ``[N, K]`` weight exactly as MatMulNBits' ``[N, K/bs, bs*bits/8]``
+  blob (low bits first) when K*bits is a multiple of 8, so an un-widened weight is a reshape of
+  the same bytes (zero-copy); a widened one is unpacked and repacked.
+- Zero points are passed packed (uint8, ``ceil(blocks*bits/8)`` bytes per row), as both ops expect.
+
+:func:`native_rewrite` works on a model plus a separate ``name -> array`` dict of weights (what the
+runtime's memory-mapped loader holds); :func:`to_native` is the same on a self-contained model.
+Shapes that cannot be expressed (K or the embedding width not a multiple of 16) raise
+:class:`~qbert_edge.errors.QbertEdgeError`, or with ``strict=False`` keep the custom op.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qbert_edge.errors import QbertEdgeError
+from qbert_edge.runtime.kernels import DOMAIN, LAYOUT, OP_VERSION
+from qbert_edge.runtime.packing import pack, unpack
+
+log = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+NATIVE_BITS = (2, 4, 8)
+MIN_BLOCK = 16
+MAX_BLOCK = 256
+
+
+def native_bits(bits: int) -> int:
+    """The onnxruntime width that holds ``bits`` exactly: ``native_bits(3) -> 4``, ``native_bits(6) -> 8``."""
+    return next(b for b in NATIVE_BITS if b >= bits)
+
+
+def block_size_for(k: int, max_block: int = MAX_BLOCK) -> int | None:
+    """Largest power of two in ``[16, max_block]`` dividing ``k`` (None if 16 does not):
+
+    >>> block_size_for(384), block_size_for(768), block_size_for(40)
+    (128, 256, None)
+    """
+    if k % MIN_BLOCK:
+        return None
+    b = MIN_BLOCK
+    while b * 2 <= max_block and k % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _packed_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack each row of ``values [n, m]`` on its own: ``[n, ceil(m*bits/8)]`` bytes."""
+    n, m = values.shape
+    per_byte = 8 // bits
+    padded = -(-m // per_byte) * per_byte
+    buf = np.zeros((n, padded), np.uint8)
+    buf[:, :m] = values
+    return pack(buf, bits).reshape(n, padded * bits // 8)
+
+
+def _blocks(scales, zero_points, rows: int, groups: int, blocks: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row group scale/zero repeated over ``blocks`` blocks: ``scales [rows, blocks]``, packed zeros."""
+    per_group = rows // groups
+    row_scale = np.repeat(np.asarray(scales, np.float32).reshape(-1), per_group)
+    row_zero = np.repeat(np.asarray(zero_points, np.uint8).reshape(-1), per_group)
+    block_scale = np.ascontiguousarray(np.broadcast_to(row_scale[:, None], (rows, blocks)))
+    block_zero = np.broadcast_to(row_zero[:, None], (rows, blocks))
+    return block_scale, _packed_rows(block_zero, bits)
+
+
+def _codes(packed: np.ndarray, bits: int, rows: int, cols: int, new_bits: int) -> np.ndarray:
+    """The packed bytes as ``[rows, cols*new_bits/8]``: a reshape when the width is kept, else repacked."""
+    packed = np.asarray(packed, np.uint8).reshape(-1)
+    if new_bits == bits:
+        return packed.reshape(rows, cols * bits // 8)
+    return pack(unpack(packed, bits, rows * cols), new_bits).reshape(rows, cols * new_bits // 8)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def native_rewrite(
+    model: onnx.ModelProto,
+    weights: Mapping[str, np.ndarray] | None = None,
+    *,
+    strict: bool = True,
+    max_block: int = MAX_BLOCK,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Rewrite every ``QMatMul``/``QGather`` of ``model``; returns ``(new model, new weights)``.
+
+    ``weights`` holds initializers kept outside ``model.graph.initializer`` (None: all are inside).
+    The new model keeps those of its own initializers that are still used; the returned dict holds
+    every other initializer the new graph uses (the new ``MatMulNBits``/``GatherBlockQuantized``
+    inputs, and the untouched entries of ``weights``). ``model`` itself is not modified.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inside = {t.name: t for t in graph.initializer}
+    external = dict(weights or {})
+
+    def array(name: str) -> np.ndarray:
+        if name in external:
+            return np.asarray(external[name])
+        if name in inside:
+            return numpy_helper.to_array(inside[name])
+        raise QbertEdgeError(f"model.onnx: {name!r} is not an initializer; the rewrite needs constant weights")
+
+    new_weights: dict[str, np.ndarray] = {}
+    nodes = []
+    kept_custom = 0
+    for node in graph.node:
+        if node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        a = _attrs(node)
+        layout = a.get("layout", b"")
+        layout = layout.decode() if isinstance(layout, bytes) else layout
+        if layout != LAYOUT or a.get("version") != OP_VERSION:
+            raise QbertEdgeError(f"model.onnx: {node.name}: unknown {node.op_type} layout {layout!r} / version {a.get('version')}")
+        bits = int(a["bits"])
+        new_bits = native_bits(bits)
+        if node.op_type == "QMatMul":
+            rows, cols, what = int(a["N"]), int(a["K"]), "K"
+        elif node.op_type == "QGather":
+            rows, cols, what = int(a["rows"]), int(a["cols"]), "the embedding width"
+        else:
+            raise QbertEdgeError(f"model.onnx: unknown {DOMAIN} op {node.op_type!r}")
+        block = block_size_for(cols, max_block)
+        if block is None:
+            msg = f"{node.name}: {what}={cols} is not a multiple of {MIN_BLOCK}; onnxruntime's low-bit ops cannot hold it"
+            if strict:
+                raise QbertEdgeError(msg)
+            log.warning("%s; keeping %s", msg, node.op_type)
+            nodes.append(node)
+            kept_custom += 1
+            continue
+        if new_bits != bits:
+            log.info("%s: %d-bit codes widened to %d bits for onnxruntime", node.name, bits, new_bits)
+        groups = int(a["groups"])
+        blocks = cols // block
+        base = node.name.split("/")[0] or node.output[0]
+        if node.op_type == "QMatMul":
+            x, w, s, z = node.input[:4]
+            bias = node.input[4] if len(node.input) > 4 else ""
+            codes = _codes(array(w), bits, rows, cols, new_bits).reshape(rows, blocks, block * new_bits // 8)
+            scale, zero = _blocks(array(s), array(z), rows, groups, blocks, new_bits)
+            names = (f"{base}.nbits_B", f"{base}.nbits_scales", f"{base}.nbits_zero_points")
+            new = helper.make_node(
+                "MatMulNBits", [x, *names, "", bias] if bias else [x, *names], list(node.output),
+                name=node.name, domain=MS_DOMAIN, K=cols, N=rows, bits=new_bits, block_size=block,
+            )
+        else:
+            w, s, z, ids = node.input[:4]
+            codes = _codes(array(w), bits, rows, cols, new_bits)
+            scale, zero = _blocks(array(s), array(z), rows, groups, blocks, new_bits)
+            names = (f"{base}.gbq_data", f"{base}.gbq_scales", f"{base}.gbq_zero_points")
+            new = helper.make_node(
+                "GatherBlockQuantized", [names[0], ids, names[1], names[2]], list(node.output),
+                name=node.name, domain=MS_DOMAIN, bits=new_bits, block_size=block, gather_axis=0, quantize_axis=1,
+            )
+        new_weights.update(zip(names, (codes, scale, zero)))
+        nodes.append(new)
+
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    result = {k: v for k, v in external.items() if k in used}
+    if weights is None:
+        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in new_weights.items())
+    else:
+        result.update(new_weights)
+    imports = {o.domain: o.version for o in out.opset_import}
+    if not kept_custom:
+        imports.pop(DOMAIN, None)
+    imports.setdefault(MS_DOMAIN, 1)
+    del out.opset_import[:]
+    out.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(imports.items(), key=lambda kv: (kv[0] != "", kv[0])))
+    return out, result
+
+
+def to_native(model: onnx.ModelProto, *, strict: bool = True, max_block: int = MAX_BLOCK) -> onnx.ModelProto:
+    """:func:`native_rewrite` of a self-contained model (all initializers inside)."""
+    return native_rewrite(model, None, strict=strict, max_block=max_block)[0]
