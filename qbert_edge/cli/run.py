@@ -1,0 +1,84 @@
+"""``qbert-edge run``: classify texts with an exported model.onnx (no torch, no transformers).
+
+Also holds the runtime options shared by ``run``, ``eval`` and ``measure`` (:func:`runtime_options`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from qbert_edge.errors import QbertEdgeError
+
+PREDICTIONS_FORMAT = "qbert-edge/predictions"
+PREDICTIONS_VERSION = 1
+
+
+def runtime_options(func):
+    """``--backend`` and ``--threads`` (a backend name is checked by the runtime, in one line)."""
+    func = click.option("--threads", type=click.IntRange(1), default=None,
+                        help="onnxruntime intra-op threads. [default: physical cores, at most 4]")(func)
+    func = click.option("--backend", default="auto", show_default=True,
+                        help="auto, ort (onnxruntime low-bit kernels), ort-custom (our kernels, leanest) "
+                             "or reference (NumPy, for checking).")(func)
+    return func
+
+
+def open_session(model: str, backend: str, threads: int | None, **kwargs):
+    """A :class:`~qbert_edge.runtime.session.Session`; QbertEdgeErrors pass through as one line."""
+    from qbert_edge.runtime.backends import RuntimeOptions
+    from qbert_edge.runtime.session import Session
+
+    return Session(model, backend=backend, options=RuntimeOptions(threads=threads), **kwargs)
+
+
+def read_texts(texts: tuple[str, ...], file: str | None) -> list[str]:
+    """The texts of ``--text`` or of ``--file`` (one text per non-empty line)."""
+    if bool(texts) == bool(file):
+        raise QbertEdgeError("give --text T (one or more) or --file F, not both")
+    if texts:
+        return list(texts)
+    path = Path(file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise QbertEdgeError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise QbertEdgeError(f"{path}: is a directory") from None
+    except UnicodeDecodeError as exc:
+        raise QbertEdgeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    out = [line for line in lines if line.strip()]
+    if not out:
+        raise QbertEdgeError(f"{path}: no texts (every line is empty)")
+    return out
+
+
+@click.command(name="run")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--text", "texts", multiple=True, help="A text to classify (repeat for more).")
+@click.option("--file", "file", type=click.Path(dir_okay=False), help="A UTF-8 file with one text per line.")
+@runtime_options
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (qbert-edge/predictions v1).")
+def command(model, texts, file, backend, threads, batch_size, as_json) -> None:
+    """Classify texts with MODEL (an exported model.onnx).
+
+    \b
+    Examples:
+      qbert-edge run model.onnx --text "a gripping, funny film" --text "a dull mess"
+      qbert-edge run model.onnx --file reviews.txt --backend ort-custom --json
+    """
+    items = read_texts(texts, file)
+    with open_session(model, backend, threads) as session:
+        preds = session.predict(items, batch_size=batch_size)
+        used = session.backend
+    if as_json:
+        click.echo(json.dumps({
+            "format": PREDICTIONS_FORMAT, "version": PREDICTIONS_VERSION, "model": str(model),
+            "backend": used, "predictions": [p.to_dict() for p in preds],
+        }, indent=2))
+        return
+    for p in preds:
+        click.echo(f"{p.label}\t{p.probabilities[p.label]:.3f}\t{p.text}")
