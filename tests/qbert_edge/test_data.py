@@ -92,6 +92,16 @@ def test_jsonl_int_and_string_labels(tmp_path):
     assert data.label_ids == [1, 0, 1]
 
 
+def test_crlf_and_unicode_line_separators(tmp_path):
+    csv_data = load_data(_write(tmp_path, "d.csv", "text,label\r\none\u2028two,a\r\nthree,b\r\n"))
+    assert csv_data.texts == ["one\u2028two", "three"]
+    jsonl = '{"text": "x\u2028y", "label": "a"}\r\n{"text": "", "label": "a"}\r\n'
+    with pytest.raises(QbertEdgeError, match="d.jsonl:2: empty text"):
+        load_data(_write(tmp_path, "d.jsonl", jsonl))
+    with pytest.raises(QbertEdgeError, match="d.csv:3: empty text"):
+        load_data(_write(tmp_path, "d.csv", "text,label\r\na\u2028b,1\r\n,0\r\n"))
+
+
 def test_model_labels_map_names_and_ids(tmp_path):
     path = _write(tmp_path, "d.csv", "text,label\na,positive\nb,0\nc,negative\n")
     data = load_data(path, labels=("negative", "positive"))
