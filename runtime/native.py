@@ -100,6 +100,7 @@ def native_rewrite(
     *,
     strict: bool = True,
     max_block: int = MAX_BLOCK,
+    widen: bool = True,
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Rewrite every ``QMatMul``/``QGather`` of ``model``; returns ``(new model, new weights)``.
 
@@ -107,6 +108,8 @@ def native_rewrite(
     The new model keeps those of its own initializers that are still used; the returned dict holds
     every other initializer the new graph uses (the new ``MatMulNBits``/``GatherBlockQuantized``
     inputs, and the untouched entries of ``weights``). ``model`` itself is not modified.
+    ``widen=False`` keeps the custom op for widths onnxruntime lacks (3, 5, 6, 7) instead of
+    widening them.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -141,6 +144,10 @@ def native_rewrite(
             rows, cols, what = int(a["rows"]), int(a["cols"]), "the embedding width"
         else:
             raise QbertEdgeError(f"model.onnx: unknown {DOMAIN} op {node.op_type!r}")
+        if new_bits != bits and not widen:
+            nodes.append(node)
+            kept_custom += 1
+            continue
         block = block_size_for(cols, max_block)
         if block is None:
             msg = f"{node.name}: {what}={cols} is not a multiple of {MIN_BLOCK}; onnxruntime's low-bit ops cannot hold it"
@@ -197,6 +204,6 @@ def native_rewrite(
     return out, result
 
 
-def to_native(model: onnx.ModelProto, *, strict: bool = True, max_block: int = MAX_BLOCK) -> onnx.ModelProto:
+def to_native(model: onnx.ModelProto, *, strict: bool = True, max_block: int = MAX_BLOCK, widen: bool = True) -> onnx.ModelProto:
     """:func:`native_rewrite` of a self-contained model (all initializers inside)."""
-    return native_rewrite(model, None, strict=strict, max_block=max_block)[0]
+    return native_rewrite(model, None, strict=strict, max_block=max_block, widen=widen)[0]
