@@ -13,8 +13,8 @@ reference     ``onnx.reference.ReferenceEvaluator`` with the NumPy op classes of
 ============  ==================================================================================
 
 :func:`create` builds one from a :class:`~qbert_edge.runtime.loader.LoadedGraph`. Weights are
-never copied into onnxruntime: they are handed over as external initializers that point at the
-memory-mapped file (``SessionOptions.add_external_initializers``). The onnxruntime settings that
+not copied into onnxruntime: each is declared as external data at its offset in the model file,
+which onnxruntime maps itself (see :class:`OrtBackend`). The onnxruntime settings that
 change memory are in :class:`RuntimeOptions`; docs/runtime.md has the measurements behind the
 defaults. This module does not tokenize and does not read metadata (see ``session``).
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +76,8 @@ class RuntimeOptions:
     memory arena (keeps freed activation blocks; off saves DRAM). ``prepacking``: let kernels keep a
     re-laid-out copy of constant weights (a second copy of every prepacked weight). ``optimization``:
     graph optimization level. ``mem_pattern``: plan activation buffers per input shape.
+    ``accuracy_level``: ``MatMulNBits``' compute type (None: as exported; 0/1: fp32, exact;
+    4: int8 activations per block, faster with prepacking, not bit-exact).
     """
 
     threads: int | None = None
@@ -82,10 +85,13 @@ class RuntimeOptions:
     prepacking: bool = False
     optimization: str = "all"
     mem_pattern: bool = True
+    accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise QbertEdgeError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise QbertEdgeError(f"accuracy_level must be 0..4, got {self.accuracy_level!r}")
         if self.optimization not in OPTIMIZATION_LEVELS:
             raise QbertEdgeError(
                 f"unknown optimization level {self.optimization!r} (use {', '.join(OPTIMIZATION_LEVELS)})"
@@ -219,31 +225,48 @@ def _graph_io(model, initializers: set[str]) -> tuple[list[str], list[str]]:
 
 
 class OrtBackend(Backend):
-    """An onnxruntime session over ``model`` with ``weights`` as external initializers."""
+    """An onnxruntime session over ``model``; ``weights`` reach it without a copy where possible.
+
+    A weight that is a view of the mapped model file (or its external data file) is declared as
+    external data at its offset in that file: onnxruntime maps the file itself and reads the
+    bytes in place. Any other array (made by the native rewrite: widened codes, repeated scales)
+    goes through ``add_external_initializers``, which copies it once.
+    """
 
     name = "ort"
 
-    def __init__(self, model, weights: dict[str, np.ndarray], options: RuntimeOptions, name: str,
+    def __init__(self, model, weights: dict[str, np.ndarray], options: RuntimeOptions, graph,
                  custom_ops: bool = False) -> None:
         import onnxruntime as ort
 
         from qbert_edge.runtime.loader import placeholder
 
+        name = str(graph.path)
         so = options.session_options()
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    str(graph.path.parent.resolve()))
         if custom_ops:
             from qbert_edge.runtime import ort_custom
 
             so.register_custom_ops_library(ort_custom.library_path())
+        copied: dict[str, np.ndarray] = {}
+        folder = graph.path.parent.resolve()
         for w_name, arr in weights.items():
-            model.graph.initializer.append(placeholder(w_name, arr))
-        if weights:
-            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
-            so.add_external_initializers(list(weights), values)
-            self._keep = values  # onnxruntime reads the arrays' memory for the session's lifetime
+            where = graph.file_location(arr)
+            if where is not None and where[0].resolve().parent == folder:
+                model.graph.initializer.append(placeholder(w_name, arr, where[0].name, where[1]))
+            else:
+                model.graph.initializer.append(placeholder(w_name, arr))
+                copied[w_name] = arr
+        if copied:
+            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in copied.values()]
+            so.add_external_initializers(list(copied), values)
+        self.copied_bytes = sum(int(a.nbytes) for a in copied.values())
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise QbertEdgeError(f"{name}: onnxruntime cannot load this model ({_first_line(exc)})") from None
+        release_free_memory()
         super().__init__([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -257,17 +280,17 @@ class OrtCustomBackend(OrtBackend):
 
     name = "ort-custom"
 
-    def __init__(self, model, weights: dict[str, np.ndarray], options: RuntimeOptions, name: str) -> None:
+    def __init__(self, model, weights: dict[str, np.ndarray], options: RuntimeOptions, graph) -> None:
         from qbert_edge.runtime import ort_custom
 
         self.scope = ort_custom.new_scope()
         try:
-            unused = ort_custom.rewrite(model, weights, self.scope, name)
+            unused = ort_custom.rewrite(model, weights, self.scope, str(graph.path))
             weights = {k: v for k, v in weights.items() if k not in unused}
             kept = [t for t in model.graph.initializer if t.name not in unused]
             del model.graph.initializer[:]
             model.graph.initializer.extend(kept)
-            super().__init__(model, weights, options, name, custom_ops=True)
+            super().__init__(model, weights, options, graph, custom_ops=True)
         except BaseException:
             ort_custom.release(self.scope)
             raise
@@ -328,16 +351,48 @@ def create(backend: str, graph, options: RuntimeOptions | None = None) -> Backen
     if backend == "ort-custom":
         if not has_ops:
             log.info("%s has no %s ops; ort-custom runs it as plain onnxruntime", name, OP_DOMAIN)
-        return OrtCustomBackend(model, weights, options, name)
+        return OrtCustomBackend(model, weights, options, graph)
     if backend == "ort":
         if has_ops:
             from qbert_edge.runtime import native
 
             model, weights = native.native_rewrite(model, weights, strict=False)
+            release_free_memory()
+            if options.accuracy_level is not None:
+                set_accuracy_level(model, options.accuracy_level)
             if check_ops(model, name):  # shapes MatMulNBits cannot hold keep our op (logged by native)
-                return OrtCustomBackend(model, weights, options, name)
-        return OrtBackend(model, weights, options, name)
+                return OrtCustomBackend(model, weights, options, graph)
+        return OrtBackend(model, weights, options, graph)
     raise QbertEdgeError(f"unknown backend {backend!r} (choose one of: auto, {', '.join(BACKENDS)})")
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Loading makes large temporaries (the native rewrite repacks widened codes); glibc keeps freed
+    blocks for reuse, so without this they would stay in RSS during inference and raise its peak.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        pass
+
+
+def set_accuracy_level(model, level: int) -> None:
+    """Set ``accuracy_level`` on every ``MatMulNBits`` node of ``model`` (in place)."""
+    from onnx import helper
+
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute("accuracy_level", int(level))])
 
 
 def _copy(model):

@@ -6,16 +6,22 @@
 
 ``onnx.load`` parses the whole file: the protobuf holds every weight once, and every backend then
 copies each weight again into its own tensors, so loading peaks at two to three times the file
-size. :func:`load_graph` instead maps the file into memory and walks the protobuf wire format
-itself: each initializer stored as ``raw_data`` (or as external data beside the model) becomes a
-zero-copy ``np.ndarray`` view of the mapped pages, and the graph is parsed by ``onnx`` with those
-initializers cut out. Pages are read on demand and are clean file-backed memory: they count in the
-process's RSS once, and the kernel can drop them under pressure. Backends hand the views to
-onnxruntime (``SessionOptions.add_external_initializers``) or to the reference evaluator.
+size. :func:`load_graph` instead walks the protobuf wire format itself, reading only the bytes
+around each field key (``os.pread``, so the weights are never read or mapped by the scan), and
+splits the file into
 
-Views of misaligned multi-byte data (fp32 scales, biases, LayerNorm weights) are copied to
-aligned arrays; packed uint8 codes, the bulk of a quantized model, never are. This module does not run models and does not know
-about the ``qbert_edge`` ops.
+- the graph, parsed by ``onnx`` with the large initializers cut out, and
+- the weights: each initializer stored as ``raw_data`` (or as external data beside the model)
+  becomes a zero-copy ``np.ndarray`` view of a read-only memory map of the file, and
+  :meth:`LoadedGraph.file_location` says where its bytes are, so onnxruntime can map the same
+  bytes itself (external data) instead of receiving a copy.
+
+Mapped pages are read on demand and are clean, file-backed memory: they count in RSS once per
+mapping that touches them, and the kernel can drop them under pressure. Views of misaligned
+multi-byte data (fp32 scales, biases, LayerNorm weights) are copied to aligned arrays; packed
+uint8 codes, the bulk of a quantized model, never are. Initializers of at most
+:data:`SMALL_BYTES` stay in the graph. This module does not run models and does not know the
+``qbert_edge`` ops.
 """
 
 from __future__ import annotations
@@ -57,7 +63,21 @@ class LoadedGraph:
     model: object  # onnx.ModelProto
     weights: dict[str, np.ndarray]
     file_bytes: int
-    _maps: list = field(default_factory=list, repr=False)
+    _maps: list = field(default_factory=list, repr=False)  # (file, mmap) pairs
+
+    def file_location(self, arr: np.ndarray) -> tuple[Path, int] | None:
+        """``(file, byte offset)`` of ``arr``'s bytes if it is a contiguous view of a mapped file."""
+        if not arr.flags.c_contiguous or arr.flags.owndata:
+            return None
+        start = arr.ctypes.data
+        for file, base, length in self._regions:
+            if base <= start and start + arr.nbytes <= base + length:
+                return file, start - base
+        return None
+
+    @property
+    def _regions(self) -> list[tuple[Path, int, int]]:
+        return [(file, np.frombuffer(m, np.uint8, count=1).ctypes.data, len(m)) for file, m in self._maps]
 
     def initializer_names(self) -> set[str]:
         return set(self.weights) | {t.name for t in self.model.graph.initializer}
@@ -65,24 +85,14 @@ class LoadedGraph:
     def metadata(self) -> dict[str, str]:
         return {p.key: p.value for p in self.model.metadata_props}
 
-    def placeholder_model(self):
-        """A copy of ``model`` whose cut-out initializers are placeholders (name, type, dims only).
 
-        onnxruntime needs each initializer declared in the graph before
-        ``add_external_initializers`` replaces it; the placeholder says "external data" so nothing
-        tries to read it.
-        """
-        import onnx
+def placeholder(name: str, arr: np.ndarray, location: str = "qbert-edge-user-memory", offset: int | None = None):
+    """A TensorProto declaring ``name`` with ``arr``'s type and shape, its data external.
 
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        for name, arr in self.weights.items():
-            model.graph.initializer.append(placeholder(name, arr))
-        return model
-
-
-def placeholder(name: str, arr: np.ndarray):
-    """A TensorProto that declares ``name`` with ``arr``'s type and shape but holds no data."""
+    With ``offset``, the data is ``arr.nbytes`` bytes at ``offset`` of the file ``location``
+    (relative to the model's folder); without, the location is a dummy that
+    ``SessionOptions.add_external_initializers`` replaces before anything reads it.
+    """
     from onnx import TensorProto, helper
 
     t = TensorProto()
@@ -90,8 +100,12 @@ def placeholder(name: str, arr: np.ndarray):
     t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
     t.dims.extend(arr.shape)
     t.data_location = TensorProto.EXTERNAL
-    entry = t.external_data.add()
-    entry.key, entry.value = "location", "qbert-edge-user-memory"
+    entries = [("location", location)]
+    if offset is not None:
+        entries += [("offset", str(offset)), ("length", str(arr.nbytes))]
+    for key, value in entries:
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
     return t
 
 
@@ -113,12 +127,14 @@ def load_graph(path: str | os.PathLike) -> LoadedGraph:
     if size == 0:
         raise QbertEdgeError(f"{path}: empty file, not an ONNX model")
     with fh:
+        reader = _Reader(fh, size)
+        try:
+            stripped, tensors = _split_model(reader)
+        except _Malformed as exc:
+            raise QbertEdgeError(f"{path}: not an ONNX model, or truncated ({exc})") from None
+        small = {i: reader.read(t.span[0], t.span[0] + t.span[1]) for i, t in enumerate(tensors)
+                 if t.span is not None and t.span[1] <= SMALL_BYTES}
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    buf = memoryview(mapped)
-    try:
-        stripped, tensors = _split_model(buf)
-    except _Malformed as exc:
-        raise QbertEdgeError(f"{path}: not an ONNX model, or truncated ({exc})") from None
     model = onnx.ModelProto()
     try:
         model.ParseFromString(stripped)
@@ -126,15 +142,15 @@ def load_graph(path: str | os.PathLike) -> LoadedGraph:
         raise QbertEdgeError(f"{path}: not an ONNX model, or truncated ({type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node:
         raise QbertEdgeError(f"{path}: not an ONNX model (no graph)")
-    maps = [mapped]
+    maps = [(path, mapped)]
     external: dict[Path, object] = {}
     weights: dict[str, np.ndarray] = {}
     total = size
-    for raw in tensors:
+    for i, raw in enumerate(tensors):
         tensor = onnx.TensorProto()
         tensor.ParseFromString(raw.header)
-        if raw.span is not None and raw.span[1] <= SMALL_BYTES:
-            tensor.raw_data = bytes(buf[raw.span[0]: raw.span[0] + raw.span[1]])
+        if i in small:
+            tensor.raw_data = small[i]
             model.graph.initializer.append(tensor)
             continue
         if raw.span is not None:
@@ -149,7 +165,7 @@ def load_graph(path: str | os.PathLike) -> LoadedGraph:
             model.graph.initializer.append(tensor)
             continue
         weights[tensor.name] = arr
-    return LoadedGraph(path, model, weights, total, maps + list(external.values()))
+    return LoadedGraph(path, model, weights, total, maps + list(external.items()))
 
 
 @dataclass(frozen=True)
@@ -158,7 +174,36 @@ class _RawTensor:
     span: tuple[int, int] | None  # (offset, length) of raw_data in the file, if any
 
 
-def _split_model(buf: memoryview) -> tuple[bytes, list[_RawTensor]]:
+class _Reader:
+    """Random access to a file's bytes by ``os.pread`` of 64 KiB blocks (nothing is mapped)."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, fh, size: int) -> None:
+        self.fd = fh.fileno()
+        self.size = size
+        self.start = 0
+        self.block = b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, pos: int) -> int:
+        if not self.start <= pos < self.start + len(self.block):
+            self.start = pos
+            self.block = os.pread(self.fd, self.BLOCK, pos)
+            if not self.block:
+                raise _Malformed(f"read past the end at byte {pos}")
+        return self.block[pos - self.start]
+
+    def read(self, start: int, end: int) -> bytes:
+        data = os.pread(self.fd, end - start, start)
+        if len(data) != end - start:
+            raise _Malformed(f"short read at byte {start}")
+        return data
+
+
+def _split_model(buf: _Reader) -> tuple[bytes, list[_RawTensor]]:
     """ModelProto bytes without graph initializers, and those initializers."""
     out = bytearray()
     tensors: list[_RawTensor] = []
@@ -171,27 +216,27 @@ def _split_model(buf: memoryview) -> tuple[bytes, list[_RawTensor]]:
                 if g_number == _GRAPH_INITIALIZER and g_wire == _LEN:
                     tensors.append(_split_tensor(buf, g_value, g_end))
                 else:
-                    graph += buf[g_start:g_end]
+                    graph += buf.read(g_start, g_end)
             out += _key(_MODEL_GRAPH, _LEN) + _varint(len(graph)) + graph
         else:
-            out += buf[start:end]
+            out += buf.read(start, end)
     if not seen_graph:
         raise _Malformed("no graph")
     return bytes(out), tensors
 
 
-def _split_tensor(buf: memoryview, start: int, end: int) -> _RawTensor:
+def _split_tensor(buf: _Reader, start: int, end: int) -> _RawTensor:
     header = bytearray()
     span = None
     for number, wire, f_start, value_start, f_end in _fields(buf, start, end):
         if number == _T_RAW and wire == _LEN:
             span = (value_start, f_end - value_start)
         else:
-            header += buf[f_start:f_end]
+            header += buf.read(f_start, f_end)
     return _RawTensor(bytes(header), span)
 
 
-def _fields(buf: memoryview, pos: int, end: int):
+def _fields(buf: _Reader, pos: int, end: int):
     """Yield ``(field number, wire type, field start, value start, field end)`` of a message."""
     while pos < end:
         start = pos
@@ -216,7 +261,7 @@ def _fields(buf: memoryview, pos: int, end: int):
         yield number, wire, start, value_start, pos
 
 
-def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(buf: _Reader, pos: int, end: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= end or shift > 63:

@@ -59,6 +59,7 @@ class MeasureConfig:
     arena: bool | None = None
     prepacking: bool | None = None
     optimization: str | None = None
+    accuracy_level: int | None = None
     engine: str = "qbert-edge"
     seed: int = 0
 
@@ -75,7 +76,7 @@ class MeasureConfig:
     def options(self):
         from qbert_edge.runtime.backends import RuntimeOptions
 
-        given = {k: getattr(self, k) for k in ("threads", "arena", "prepacking", "optimization")}
+        given = {k: getattr(self, k) for k in ("threads", "arena", "prepacking", "optimization", "accuracy_level")}
         return RuntimeOptions(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -289,6 +290,11 @@ def _run_child(config: MeasureConfig) -> dict:
 
 def _import_backend(config: MeasureConfig) -> None:
     """Import everything the backend needs, so it counts in the baseline and not in the model."""
+    import onnx  # noqa: F401  (the loader and the backends import these lazily)
+    import onnx.helper  # noqa: F401
+    import onnx.numpy_helper  # noqa: F401
+
+    import qbert_edge.exporters.metadata  # noqa: F401
     import qbert_edge.runtime.loader  # noqa: F401
     import qbert_edge.runtime.session  # noqa: F401
 
@@ -339,7 +345,12 @@ def _child(config: MeasureConfig) -> dict:
         "after_load": get(loaded, "VmRSS"),
         "after_runs": get(after, "VmRSS"),
         "peak": get(after, "VmHWM"),
-        "file_backed_after_runs": get(after, "RssFile"),
+        "anon_baseline": get(base, "RssAnon"),
+        "file_baseline": get(base, "RssFile"),
+        "anon_after_load": get(loaded, "RssAnon"),
+        "file_after_load": get(loaded, "RssFile"),
+        "anon_after_runs": get(after, "RssAnon"),
+        "file_after_runs": get(after, "RssFile"),
         "model_share": None,
         "load_share": None,
     }

@@ -1,0 +1,93 @@
+"""runtime.memory: static bytes, activation estimate, percentiles, and a fresh-process measurement."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from _tiny_onnx import HIDDEN, INNER, save, tiny_classifier
+from qbert_edge.cli import main
+from qbert_edge.errors import QbertEdgeError
+from qbert_edge.runtime import budget
+from qbert_edge.runtime.loader import load_graph
+from qbert_edge.runtime.memory import (
+    FORMAT, MeasureConfig, ModelDims, activation_bytes, measure, model_dims, percentile, proc_status, static_bytes,
+)
+
+
+@pytest.fixture
+def tiny_path(tmp_path, tiny_tokenizer):
+    return save(tiny_classifier(tiny_tokenizer)[0], tmp_path / "tiny.onnx")
+
+
+def test_static_bytes_by_kind(tiny_path, tiny_tokenizer):
+    vocab = tiny_tokenizer.get_vocab_size()
+    got = static_bytes(load_graph(tiny_path))
+    packed = vocab * HIDDEN + (INNER * HIDDEN * 3 + 7) // 8 + (2 * INNER * 2 + 7) // 8
+    assert got["packed_codes"] == packed
+    assert got["scales"] == 4 * (vocab + 4 + 2)
+    assert got["zero_points"] == vocab + 4 + 2
+    assert got["fp32"] == 4 * (2 * HIDDEN + INNER + 2)  # token types + biases
+    assert got["other"] == 16  # the two int64 axis constants
+    assert got["total"] == sum(v for k, v in got.items() if k != "total")
+    assert got["graph"] > 0
+
+
+def test_model_dims_and_activation_formula(tiny_path):
+    dims = model_dims(load_graph(tiny_path))
+    assert (dims.hidden, dims.intermediate) == (HIDDEN, INNER)
+    # BERT-base, batch 1 x 128: the FFN phase dominates: 4 * (2*128*768 + 3*128*3072) bytes
+    base = ModelDims(hidden=768, intermediate=3072, heads=12, layers=12)
+    assert activation_bytes(base, 1, 128) == 4 * (2 * 128 * 768 + 3 * 128 * 3072)
+    # long sequences: the attention scores take over (2 * B*A*S*S)
+    assert activation_bytes(base, 1, 2048) == 4 * (5 * 2048 * 768 + 2 * 12 * 2048 * 2048)
+    assert activation_bytes(ModelDims(None, None, None, 0), 1, 8) == 0
+
+
+def test_percentile_and_proc_status():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([10.0] * 3, 90) == 10.0
+    status = proc_status()
+    assert status["VmHWM"] >= status["VmRSS"] > 0
+
+
+def test_config_validation():
+    with pytest.raises(QbertEdgeError, match="batch"):
+        MeasureConfig(model="m.onnx", batch=0)
+    with pytest.raises(QbertEdgeError, match="engine"):
+        MeasureConfig(model="m.onnx", engine="tensorrt")
+
+
+@pytest.mark.parametrize("backend", ["ort", "ort-custom"])
+def test_measure_in_a_fresh_process(tiny_path, backend):
+    r = measure(tiny_path, backend=backend, batch=2, seq_len=8, runs=3, warmup=1)
+    assert r["format"] == FORMAT and r["version"] == 1 and r["backend"] == backend
+    rss = r["rss_mb"]
+    assert rss["peak"] >= rss["after_load"] >= rss["baseline"] > 0
+    assert rss["model_share"] == pytest.approx(rss["peak"] - rss["baseline"], abs=0.02)
+    assert r["latency_ms"]["p90"] >= r["latency_ms"]["p50"] > 0
+    assert r["static_mb"]["total"] > 0
+    # a 5 KB model costs onnxruntime's fixed overhead and nothing more: the budget's constant
+    assert rss["model_share"] < budget.RUNTIME_OVERHEAD_MB
+
+
+def test_measure_reports_child_errors(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07" * 10)
+    with pytest.raises(QbertEdgeError, match="not an ONNX model"):
+        measure(str(bad), backend="ort", runs=1)
+
+
+def test_measure_command_json(tiny_path, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    main(["measure", tiny_path, "--backend", "ort", "--seq-len", "8", "--runs", "2", "--json", "-o", str(out)])
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text())["rss_mb"].keys() == printed["rss_mb"].keys()
+    assert printed["seq_len"] == 8 and printed["runs"] == 2
+
+
+def test_budget_formula():
+    assert budget.budget_mb(48.0, 5.0) == pytest.approx(budget.FILE_FACTOR * 48 + 5 + budget.RUNTIME_OVERHEAD_MB)
+    assert np.isfinite(budget.budget_mb(0.0, 0.0))
