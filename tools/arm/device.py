@@ -1,10 +1,12 @@
 """Run one exported model through runtime backends and save every output: the device side of the check.
 
-    python tools/arm/device.py model.onnx --texts texts.json --out result.npz [--backends ort,reference]
+    python tools/arm/device.py model.onnx [more.onnx ...] --texts texts.json --out-dir DIR [--backends ort,reference]
 
 The same script runs on the x86 host and on the emulated (or a real) aarch64 board, so both
 sides tokenize, batch and call the runtime the same way; ``check.py`` compares the two files.
-It needs only NumPy and ``qbert_edge.runtime`` (no torch), and it writes one ``.npz``:
+It needs only NumPy and ``qbert_edge.runtime`` (no torch), and it writes one ``DIR/<model stem>.npz``
+per model (several models share one process: under emulation, starting Python and importing
+onnxruntime costs seconds):
 
 * ``input/<name>``: the token arrays the tokenizer made from the texts (checked equal across sides);
 * ``<backend>/<output>``: each graph output of each backend;
@@ -67,9 +69,10 @@ def run_backends(model: Path, texts: list[str], backends: list[str], runs: int =
                  threads: int | None = None) -> tuple[dict, dict]:
     """Arrays (inputs and outputs by backend) and per-backend facts for ``texts`` on ``model``."""
     import numpy as np
-    from qbert_edge.errors import QbertEdgeError
     from qbert_edge.runtime.backends import RuntimeOptions
     from qbert_edge.runtime.session import Session
+
+    from qbert_edge.errors import QbertEdgeError
 
     arrays: dict[str, np.ndarray] = {}
     facts: dict[str, dict] = {}
@@ -102,9 +105,9 @@ def run_backends(model: Path, texts: list[str], backends: list[str], runs: int =
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", type=Path)
+    parser.add_argument("models", type=Path, nargs="+")
     parser.add_argument("--texts", type=Path, required=True, help="a JSON list of strings")
-    parser.add_argument("--out", type=Path, required=True, help="where to write the .npz")
+    parser.add_argument("--out-dir", type=Path, required=True, help="where to write <model stem>.npz")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--runs", type=int, default=1, help="runs per backend (timed; outputs of the last)")
     parser.add_argument("--threads", type=int, default=None)
@@ -113,19 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     texts = json.loads(ns.texts.read_text())
-    arrays, facts = run_backends(ns.model, texts, [b for b in ns.backends.split(",") if b], ns.runs, ns.threads)
-    meta = {
-        "format": FORMAT, "version": VERSION,
-        "machine": platform.machine(), "emulated": os.environ.get("QBERT_EDGE_EMULATED") or None,
-        "cpu_features": cpu_features(), "versions": versions(),
-        "threads": ns.threads, "texts": len(texts), "backends": facts,
-    }
-    tmp = ns.out.with_name(ns.out.name + ".tmp.npz")
-    np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp, ns.out)
-    failed = [b for b, f in facts.items() if "error" in f]
-    for b in failed:
-        print(f"device.py: backend {b}: {facts[b]['error']}", file=sys.stderr)
+    for model in ns.models:
+        arrays, facts = run_backends(model, texts, [b for b in ns.backends.split(",") if b], ns.runs, ns.threads)
+        meta = {
+            "format": FORMAT, "version": VERSION, "model": str(model),
+            "machine": platform.machine(), "emulated": os.environ.get("QBERT_EDGE_EMULATED") or None,
+            "cpu_features": cpu_features(), "versions": versions(),
+            "threads": ns.threads, "texts": len(texts), "backends": facts,
+        }
+        out = ns.out_dir / f"{model.stem}.npz"
+        tmp = out.with_name(out.stem + ".tmp.npz")
+        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(tmp, out)
+        for b, fact in facts.items():
+            if "error" in fact:
+                print(f"device.py: {model.name}: backend {b}: {fact['error']}", file=sys.stderr)
     return 0
 
 

@@ -27,8 +27,8 @@ Two details of the emulation, both set by :func:`build` and :meth:`ArmEnv.enviro
   * ``QBERT_EDGE_EMULATED`` is set to the emulated CPU so that the runtime can label RSS figures
     as including the emulator.
 
-    python tools/arm/env.py                 # build (or reuse) the environment, print where it is
-    python tools/arm/env.py --cpu cortex-a76 -- -c "import platform; print(platform.machine())"
+    python tools/arm/build_env.py                 # build (or reuse) the environment, print where it is
+    python tools/arm/build_env.py --cpu cortex-a76 -- -c "import platform; print(platform.machine())"
 """
 
 from __future__ import annotations
@@ -92,12 +92,23 @@ def cache_dir() -> Path:
 
 # --------------------------------------------------------------------------- host checks
 
-def find_qemu() -> str:
-    """The path of qemu's aarch64 user-mode emulator, or :class:`ArmEnvError` naming the package."""
+def find_qemu(install: bool = False) -> str:
+    """The path of qemu's aarch64 user-mode emulator, or :class:`ArmEnvError` naming the package.
+
+    ``install=True`` (CI on a fresh machine) first runs ``apt-get install -y qemu-user-static``
+    when it is missing and this process is root with apt-get.
+    """
     for name in QEMU_NAMES:
         path = shutil.which(name)
         if path:
             return path
+    if install and os.geteuid() == 0 and shutil.which("apt-get"):
+        logger.info("arm64: installing %s with apt-get", QEMU_PACKAGE)
+        quiet = {"env": {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}}
+        _run(["apt-get", "update", "-q"], "apt-get update", **quiet)
+        _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", QEMU_PACKAGE],
+             f"apt-get install {QEMU_PACKAGE}", **quiet)
+        return find_qemu(install=False)
     raise ArmEnvError(
         f"qemu-aarch64-static not found on PATH: install the Debian package {QEMU_PACKAGE} "
         f"(apt-get install -y {QEMU_PACKAGE}; Ubuntu: the same package)"
@@ -220,7 +231,7 @@ def wrapper_script(qemu: str, root: Path) -> str:
     python = root / "usr" / "bin" / f"python{PYTHON}"
     return (
         "#!/bin/sh\n"
-        "# aarch64 python under qemu user-mode emulation (written by tools/arm/env.py)\n"
+        "# aarch64 python under qemu user-mode emulation (written by tools/arm/build_env.py)\n"
         f': "${{QEMU_CPU:={DEFAULT_CPU}}}" "${{QEMU_LD_PREFIX:={root}}}"\n'
         "export QEMU_CPU QEMU_LD_PREFIX\n"
         f'exec "{qemu}" -0 "$0" "{python}" "$@"\n'
@@ -377,9 +388,13 @@ def build_project(home: Path, repo: Path = REPO) -> Path:
     return project
 
 
-def build(home: Path | None = None, *, requirements: list[str] | None = None, project: bool = True) -> ArmEnv:
-    """Build (or reuse) the whole environment in ``home`` (default :func:`cache_dir`)."""
-    qemu = find_qemu()
+def build(home: Path | None = None, *, requirements: list[str] | None = None, project: bool = True,
+          install_qemu: bool = False) -> ArmEnv:
+    """Build (or reuse) the whole environment in ``home`` (default :func:`cache_dir`).
+
+    ``install_qemu``: apt-get install qemu-user-static if it is missing (root only; see find_qemu).
+    """
+    qemu = find_qemu(install=install_qemu)
     home = Path(home) if home else cache_dir()
     home.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -403,17 +418,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default {cache_dir()})")
     parser.add_argument("--cpu", default=DEFAULT_CPU, help="emulated CPU (pi4: cortex-a72, pi5: cortex-a76, max)")
+    parser.add_argument("--install-qemu", action="store_true", help=f"apt-get install {QEMU_PACKAGE} if missing (root)")
     parser.add_argument("args", nargs="*", help="run the emulated python with these arguments (after --)")
     ns = parser.parse_args(argv)
     try:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        env = build(ns.cache)
+        env = build(ns.cache, install_qemu=ns.install_qemu)
         if not ns.args:
             print(env.python)
             return 0
         return env.run(ns.args, cpu=ns.cpu).returncode
     except ArmEnvError as exc:
-        print(f"tools/arm/env.py: error: {exc}", file=sys.stderr)
+        print(f"tools/arm/build_env.py: error: {exc}", file=sys.stderr)
         return 2
 
 
