@@ -138,37 +138,38 @@ def _feeds(data: Mapping, texts: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def torch_outputs(
-    data: Mapping,
-    feeds: Mapping[str, np.ndarray],
-    name: str = "model.pt",
-    activation_quant: bool = True,
-    capture: dict | None = None,
+    data: Mapping, feeds: Mapping[str, np.ndarray], name: str = "model.pt", activation_quant: bool = True
 ) -> dict[str, np.ndarray]:
-    """Outputs of the torch model of a ``model.pt`` dict (quantized) or an fp32 dict.
+    """Outputs of the torch model of a ``model.pt`` dict (quantized) or an fp32 dict."""
+    return run_torch(_torch_model(data, name), feeds, activation_quant=activation_quant)
 
-    ``capture``: filled with plan name -> the input of that Linear's activation quantizer.
-    """
+
+def run_torch(model, feeds: Mapping[str, np.ndarray], *, activation_quant: bool = True, capture: dict | None = None):
+    """Run a torch BERT on int64 arrays. ``activation_quant=False`` switches the activation quantizers
+    off (for good); ``capture`` is filled with plan name -> the input of that Linear's quantizer."""
     import torch
 
-    model = _torch_model(data, name)
-    if capture is not None:
-        from qbert_edge.qmodel import quantized_modules
+    from qbert_edge.qmodel import ActivationQuant, quantized_modules
 
+    hooks = []
+    if capture is not None and any(isinstance(m, ActivationQuant) for m in model.modules()):
         for module_name, module in quantized_modules(model):
             observer = getattr(module, "input_quant", None)
             if observer is not None:
-                observer.register_forward_pre_hook(
+                hooks.append(observer.register_forward_pre_hook(
                     lambda _m, args, _n=module_name: capture.__setitem__(_n, args[0].detach().numpy().copy())
-                )
+                ))
     if not activation_quant:
-        from qbert_edge.qmodel import ActivationQuant
-
         for m in model.modules():
             if isinstance(m, ActivationQuant):  # never observed -> passes values through
                 m.fixed = None
                 m.seen.zero_()
-    with torch.no_grad():
-        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    try:
+        with torch.no_grad():
+            out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    finally:
+        for h in hooks:
+            h.remove()
     if hasattr(out, "logits"):
         return {"logits": out.logits.numpy()}
     result = {"last_hidden_state": out.last_hidden_state.numpy()}
@@ -261,23 +262,33 @@ def compare(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], atol: 
     return tuple(checks)
 
 
-def explain(model: onnx.ModelProto, data: Mapping, feeds: Mapping[str, np.ndarray], sentences: Sequence[int],
-            name: str = "model.pt") -> dict[int, str]:
-    """Per sentence: ``"flip: ..."`` or ``"mismatch: ..."`` at its first layer whose activation codes differ."""
-    captured: dict[str, np.ndarray] = {}
-    torch_outputs(data, feeds, name, capture=captured)
-    quantizers = [(n.name.rsplit("/", 1)[0], n.output[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    _, got = onnx_outputs(model, feeds, extra=[out for _, out in quantizers])
+def quantizer_outputs(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """``(plan name, output)`` of each ``QuantizeLinear`` of the graph, in graph order."""
+    return [(n.name.rsplit("/", 1)[0], n.output[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"]
+
+
+def explain(
+    quantizers: Sequence[tuple[str, str]],
+    torch_inputs: Mapping[str, np.ndarray],
+    onnx_codes: Mapping[str, np.ndarray],
+    activations: Mapping[str, Mapping],
+    sentences: Sequence[int],
+) -> dict[int, str]:
+    """Per sentence: ``"flip: ..."`` or ``"mismatch: ..."`` at its first layer whose activation codes differ.
+
+    ``torch_inputs``: plan name -> the torch quantizer's input; ``onnx_codes``: quantizer output ->
+    the ONNX codes; ``activations``: the ``model.pt`` ranges (``scale``, ``zero``).
+    """
     verdicts = {}
     for b in sentences:
         verdicts[b] = "mismatch: no activation code differs, yet the outputs do"
         for module, out in quantizers:
-            if module not in captured or module not in data["activations"]:
+            if module not in torch_inputs or module not in activations or out not in onnx_codes:
                 continue
-            a = data["activations"][module]
-            t = captured[module][b] / np.float32(a["scale"])
+            a = activations[module]
+            t = torch_inputs[module][b] / np.float32(a["scale"])
             expected = np.clip(np.rint(t) + np.float32(a["zero"]), 0, 255)
-            diff = got[out][b].astype(np.float32) - expected
+            diff = onnx_codes[out][b].astype(np.float32) - expected
             where = diff != 0
             if not where.any():
                 continue
@@ -333,14 +344,17 @@ def validate_export(
         check_model(model)
     texts = list(texts or SENTENCES)
     feeds = _feeds(data, texts)
-    ref = torch_outputs(data, feeds, name)
-    backend, got = onnx_outputs(model, feeds)
-    checks = compare(got, ref, atol, rtol)
+    torch_model = _torch_model(data, name)
+    captured: dict[str, np.ndarray] = {}
+    ref = run_torch(torch_model, feeds, capture=captured)
+    quantizers = quantizer_outputs(model)
+    backend, got = onnx_outputs(model, feeds, extra=[out for _, out in quantizers])
+    checks = compare({k: got[k] for k in ref}, ref, atol, rtol)
     unquantized = explained = None
     bad = sorted({i for c in checks for i in c.bad})
     if bad and data.get("activations"):
-        explained = explain(model, data, feeds, bad, name)
-        ref = torch_outputs(data, feeds, name, activation_quant=False)
+        explained = explain(quantizers, captured, got, data["activations"], bad)
+        ref = run_torch(torch_model, feeds, activation_quant=False)
         _, got = onnx_outputs(without_activation_quant(model), feeds)
         unquantized = compare(got, ref, atol, rtol)
     return ValidationReport(backend, len(texts), int(feeds["attention_mask"].sum()), checks, unquantized, explained)

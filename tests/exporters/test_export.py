@@ -183,29 +183,20 @@ def test_validation_fails_on_a_wrong_activation_zero_point():
     assert "mismatch" in report.summary() and "encoder.layer.1.output.dense" in report.summary()
 
 
-def test_explain_tells_a_rounding_flip_from_a_mismatch(monkeypatch):
+def test_explain_tells_a_rounding_flip_from_a_mismatch():
     """Codes one step apart at a rounding tie are a flip; anything else is a mismatch."""
-    from qbert_edge.exporters import validate as v
+    from qbert_edge.exporters.validate import explain
 
-    data = {"activations": {"m1": {"scale": 0.5, "zero": 10}, "m2": {"scale": 0.5, "zero": 10}}}
+    activations = {"m1": {"scale": 0.5, "zero": 10}, "m2": {"scale": 0.5, "zero": 10}}
     x = np.array([[0.25 + 1e-7, 3.0], [0.25 + 1e-7, 3.0], [1.0, 2.0], [1.0, 2.0]], np.float32)  # t = x / 0.5
     base = np.clip(np.rint(x / np.float32(0.5)) + 10, 0, 255).astype(np.uint8)
-    onnx_codes = base.copy()
-    onnx_codes[0, 0] += 1  # at a tie (t = 0.5 + 2e-7): flip
-    onnx_codes[1, 1] += 1  # t = 6.0, no tie: mismatch
-    onnx_codes[2, 0] += 2  # two steps: mismatch
-    m2 = base.copy()  # sentence 3 differs only in the second layer
-
-    def fake_torch(data, feeds, name, capture=None, **kw):
-        capture.update({"m1": x, "m2": x})
-        return {}
-
-    monkeypatch.setattr(v, "torch_outputs", fake_torch)
-    monkeypatch.setattr(v, "onnx_outputs", lambda model, feeds, extra=(): ("reference", {"m1/QuantizeLinear": onnx_codes, "m2/QuantizeLinear": m2}))
-    model = onnx.ModelProto()
-    for m in ("m1", "m2"):
-        model.graph.node.append(onnx.helper.make_node("QuantizeLinear", ["x", "s", "z"], [f"{m}/QuantizeLinear"], name=f"{m}/QuantizeLinear"))
-    verdicts = v.explain(model, data, {}, [0, 1, 2, 3])
+    codes = base.copy()
+    codes[0, 0] += 1  # at a tie (t = 0.5 + 2e-7): flip
+    codes[1, 1] += 1  # t = 6.0, no tie: mismatch
+    codes[2, 0] += 2  # two steps: mismatch
+    quantizers = [("m1", "m1/QuantizeLinear"), ("m2", "m2/QuantizeLinear")]
+    onnx_codes = {"m1/QuantizeLinear": codes, "m2/QuantizeLinear": base}
+    verdicts = explain(quantizers, {"m1": x, "m2": x}, onnx_codes, activations, [0, 1, 2, 3])
     assert verdicts[0].startswith("flip: 1 code(s) of m1")
     assert verdicts[1].startswith("mismatch: 1 code(s) of m1")
     assert verdicts[2].startswith("mismatch") and "up to 2" in verdicts[2]
