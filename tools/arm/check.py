@@ -5,6 +5,10 @@
     python tools/arm/check.py --model model.onnx     # your own export
     python tools/arm/check.py --json report.json     # also write the report (qbert-edge/arm-check v1)
 
+On a real board (docs/arm.md): ``--prepare DIR`` writes the models, texts.json and device.py to
+copy to the Pi; there ``python3 device.py *.onnx --texts texts.json --out-dir results``; back on
+x86 ``--model DIR/mp23-a8.onnx --model DIR/mp23-fp32act.onnx --device-results results`` compares.
+
 What it does, in order:
   1. builds (or reuses) the aarch64 environment of :mod:`build_env` (qemu-aarch64-static, Debian
      bookworm arm64 python3.11, the runtime's aarch64 wheels, qbert_edge from this tree);
@@ -36,9 +40,11 @@ This script does not time anything meant as a benchmark (see ``bench.py``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -176,7 +182,11 @@ def has_activation_quant(model: Path) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for n in graph.node)
 
 
-def make_models(work: Path, base: str = "minilm", calib_size: int = 64) -> dict[str, Path]:
+VARIANTS = {"mp23-a8": 8, "mp23-fp32act": None}  # name -> activation bits
+
+
+def make_models(work: Path, base: str = "minilm", calib_size: int = 64,
+                variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Path]:
     """The 2/3 MP DirectQ exports of ``base``: ``{"mp23-a8": ..., "mp23-fp32act": ...}`` in ``work``."""
     from qbert_edge.loading import load_model
     from qbert_edge.plan import uniform_plan
@@ -185,7 +195,8 @@ def make_models(work: Path, base: str = "minilm", calib_size: int = 64) -> dict[
     shapes = quantizable_shapes(load_model(base).model)
     layer_bits = {i: 3 for i in HIGH_LAYERS}
     out = {}
-    for name, act_bits in (("mp23-a8", 8), ("mp23-fp32act", None)):
+    for name in variants:
+        act_bits = VARIANTS[name]
         plan = uniform_plan(shapes, bits=2, groups=128, layer_bits=layer_bits, activation_bits=act_bits,
                             meta={"made_by": "tools/arm/check.py", "scheme": "2/3 fixed"})
         plan_path, pt, onnx_path = work / f"{name}.plan.json", work / f"{name}.pt", work / f"{name}.onnx"
@@ -306,16 +317,45 @@ def format_predictions(texts: list[str], x86: dict, arm: dict, backend: str, lab
     return "\n".join(lines)
 
 
-def check(models: dict[str, Path], cpu: str, backends: list[str], work: Path, arm: armenv.ArmEnv,
-          texts: list[str], measure: bool = True, threads: int | None = None) -> dict:
-    """Run and compare every model; returns the report (JSON-able) and prints as it goes."""
+def load_device_results(models: dict[str, Path], folder: Path) -> dict[str, tuple]:
+    """device.py's ``<stem>.npz`` files from a real board: ``{stem: (arrays, meta)}``."""
+    out = {}
+    for model in models.values():
+        path = folder / f"{model.stem}.npz"
+        if not path.exists():
+            raise RuntimeError(f"{path}: no results for {model.name} (run device.py on the board first)")
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("format") != device_format():
+                raise RuntimeError(f"{path}: not a device.py result ({meta.get('format')!r})")
+            out[model.stem] = ({k: data[k] for k in data.files if k != "meta"}, meta)
+    return out
+
+
+def device_format() -> str:
+    spec = importlib.util.spec_from_file_location("qbert_edge_arm_device", DEVICE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FORMAT
+
+
+def check(models: dict[str, Path], cpu: str, backends: list[str], work: Path, arm: armenv.ArmEnv | None,
+          texts: list[str], measure: bool = True, threads: int | None = None,
+          device_results: dict[str, tuple] | None = None) -> dict:
+    """Run and compare every model; returns the report (JSON-able) and prints as it goes.
+
+    ``device_results`` (from :func:`load_device_results`) replaces the emulated run: a real board.
+    """
     texts_file = work / "texts.json"
     texts_file.write_text(json.dumps(texts))
     report = {"format": FORMAT, "version": VERSION, "cpu": cpu, "texts": texts,
               "tolerance": {"atol": ATOL, "rtol": RTOL, "min_cosine": MIN_COSINE, "label_margin": LABEL_MARGIN},
               "models": {}, "ok": True}
     x86_all = run_device(list(models.values()), texts_file, work / "x86", backends, None, cpu, threads=threads)
-    arm_all = run_device(list(models.values()), texts_file, work / "arm", backends, arm, cpu, threads=threads)
+    if device_results is None:
+        arm_all = run_device(list(models.values()), texts_file, work / "arm", backends, arm, cpu, threads=threads)
+    else:
+        arm_all = device_results
     for name, model in models.items():
         exact = not has_activation_quant(model)
         (x86, x86_meta), (arm_arrays, arm_meta) = x86_all[model.stem], arm_all[model.stem]
@@ -337,7 +377,7 @@ def check(models: dict[str, Path], cpu: str, backends: list[str], work: Path, ar
             "x86": {k: x86_meta[k] for k in ("machine", "versions")},
         }
         report["ok"] = report["ok"] and ok
-    if measure:
+    if measure and arm is not None:
         model = next(iter(models.values()))
         m = run_measure(arm, model, cpu)
         report["measure"] = m
@@ -348,6 +388,30 @@ def check(models: dict[str, Path], cpu: str, backends: list[str], work: Path, ar
             print(f"measure under emulation ({model.name}, ort, 1x16): ran; "
                   f"{json.dumps({k: m[k] for k in m if k in ('rss_mb', 'static_bytes', 'emulated', 'latency_ms')})}")
     return report
+
+
+def _board(results: dict[str, tuple]) -> str:
+    meta = next(iter(results.values()))[1]
+    feats = meta.get("cpu_features") or {}
+    return f"{meta.get('machine')}{' dotprod' if feats.get('asimddp') else ''}"
+
+
+def prepare(folder: Path, base: str) -> int:
+    """Write what a real board needs for the check: the models, texts.json and device.py."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        models = make_models(folder, base)
+    except RuntimeError as exc:
+        print(f"tools/arm/check.py: error: {exc}", file=sys.stderr)
+        return 1
+    (folder / "texts.json").write_text(json.dumps(list(TEXTS)))
+    shutil.copy2(DEVICE, folder / "device.py")
+    names = " ".join(m.name for m in models.values())
+    print(f"wrote {folder}: {names} texts.json device.py\n"
+          f"on the board:  pip install qbert-edge && python3 device.py {names} --texts texts.json --out-dir results\n"
+          f"then here:     python tools/arm/check.py "
+          + " ".join(f"--model {m}" for m in models.values()) + " --device-results results")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,15 +430,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help=f"environment cache (default {armenv.cache_dir()})")
     parser.add_argument("--work", type=Path, default=None, help="keep models and outputs here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument("--prepare", type=Path, default=None, metavar="DIR",
+                        help="only write the models, texts.json and device.py to DIR (for a real board)")
+    parser.add_argument("--device-results", type=Path, default=None, metavar="DIR",
+                        help="compare with device.py results from a real board instead of emulating")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.monotonic()
+    if ns.prepare:
+        return prepare(ns.prepare, ns.base)
+    arm = None
+    device_results = None
     try:
-        arm = armenv.build(ns.cache, install_qemu=ns.install_qemu)
-        armenv.check_cpu(arm.qemu, ns.cpu)
+        if ns.device_results:
+            if not ns.model:
+                raise RuntimeError("--device-results needs the --model files the board ran")
+            models = {m.stem: m.resolve() for m in ns.model}
+            device_results = load_device_results(models, ns.device_results)
+            texts = next(iter(device_results.values()))[1]["texts"]
+        else:
+            texts = list(TEXTS)
+            arm = armenv.build(ns.cache, install_qemu=ns.install_qemu)
+            armenv.check_cpu(arm.qemu, ns.cpu)
     except armenv.ArmEnvError as exc:
         print(f"tools/arm/check.py: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        print(f"tools/arm/check.py: error: {exc}", file=sys.stderr)
+        return 1
+    cpu = ns.cpu if device_results is None else _board(device_results)
     work_ctx = tempfile.TemporaryDirectory(prefix="qbert-edge-arm.") if ns.work is None else None
     work = Path(work_ctx.name) if work_ctx else ns.work
     work.mkdir(parents=True, exist_ok=True)
@@ -385,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError("two --model files have the same name; rename one")
         else:
             models = make_models(work, ns.base)
-        report = check(models, ns.cpu, [b for b in ns.backends.split(",") if b], work, arm, list(TEXTS),
-                       measure=not ns.no_measure, threads=ns.threads)
+        report = check(models, cpu, [b for b in ns.backends.split(",") if b], work, arm, texts,
+                       measure=not ns.no_measure, threads=ns.threads, device_results=device_results)
     except RuntimeError as exc:
         print(f"tools/arm/check.py: error: {exc}", file=sys.stderr)
         return 1
@@ -394,12 +478,14 @@ def main(argv: list[str] | None = None) -> int:
         if work_ctx:
             work_ctx.cleanup()
     report["seconds"] = round(time.monotonic() - t0, 1)
-    report["environment"] = {"home": str(arm.home), "qemu": arm.qemu, **arm.packages}
+    if arm is not None:
+        report["environment"] = {"home": str(arm.home), "qemu": arm.qemu, **arm.packages}
     if ns.json:
         tmp = ns.json.with_name(ns.json.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, ns.json)
-    print(f"{'PASS' if report['ok'] else 'FAIL'}: aarch64 ({ns.cpu}, emulated) vs x86, "
+    where = f"{cpu}, emulated" if arm is not None else f"{cpu}, real board"
+    print(f"{'PASS' if report['ok'] else 'FAIL'}: aarch64 ({where}) vs x86, "
           f"{len(report['models'])} model(s), {report['seconds']:.0f} s")
     return 0 if report["ok"] else 1
 

@@ -66,7 +66,7 @@ def versions() -> dict[str, str]:
 
 
 def run_backends(model: Path, texts: list[str], backends: list[str], runs: int = 1,
-                 threads: int | None = None) -> tuple[dict, dict]:
+                 threads: int | None = None, accuracy_level: int | None = None) -> tuple[dict, dict]:
     """Arrays (inputs and outputs by backend) and per-backend facts for ``texts`` on ``model``."""
     import numpy as np
     from qbert_edge.runtime.backends import RuntimeOptions
@@ -82,7 +82,7 @@ def run_backends(model: Path, texts: list[str], backends: list[str], runs: int =
         facts[backend] = fact
         try:
             t0 = time.perf_counter()
-            session = Session(model, backend=backend, options=RuntimeOptions(threads=threads))
+            session = Session(model, backend=backend, options=RuntimeOptions(**_options(threads, accuracy_level)))
             fact["load_s"] = time.perf_counter() - t0
             if feeds is None:
                 feeds = session.encode(texts)
@@ -103,6 +103,11 @@ def run_backends(model: Path, texts: list[str], backends: list[str], runs: int =
     return arrays, facts
 
 
+def _options(threads: int | None, accuracy_level: int | None) -> dict:
+    given = {"threads": threads, "accuracy_level": accuracy_level}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", type=Path, nargs="+")
@@ -111,18 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--runs", type=int, default=1, help="runs per backend (timed; outputs of the last)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits compute type (ort backend)")
     ns = parser.parse_args(argv)
 
     import numpy as np
 
     texts = json.loads(ns.texts.read_text())
     for model in ns.models:
-        arrays, facts = run_backends(model, texts, [b for b in ns.backends.split(",") if b], ns.runs, ns.threads)
+        arrays, facts = run_backends(model, texts, [b for b in ns.backends.split(",") if b], ns.runs, ns.threads,
+                                     ns.accuracy_level)
         meta = {
             "format": FORMAT, "version": VERSION, "model": str(model),
             "machine": platform.machine(), "emulated": os.environ.get("QBERT_EDGE_EMULATED") or None,
             "cpu_features": cpu_features(), "versions": versions(),
-            "threads": ns.threads, "texts": len(texts), "backends": facts,
+            "threads": ns.threads, "accuracy_level": ns.accuracy_level, "texts": texts, "backends": facts,
         }
         out = ns.out_dir / f"{model.stem}.npz"
         tmp = out.with_name(out.stem + ".tmp.npz")
