@@ -74,18 +74,25 @@ class RuntimeOptions:
 
     ``threads``: intra-op threads (None: :func:`default_threads`). ``arena``: onnxruntime's CPU
     memory arena (keeps freed activation blocks; off saves DRAM). ``prepacking``: let kernels keep a
-    re-laid-out copy of constant weights (a second copy of every prepacked weight). ``optimization``:
+    re-laid-out copy of constant weights (``MatMulNBits`` without it dequantizes B on every call:
+    3-4x slower, and more DRAM during the run; an fp32 ``MatMul`` with it keeps a packed fp32 copy). ``optimization``:
     graph optimization level. ``mem_pattern``: plan activation buffers per input shape.
     ``accuracy_level``: ``MatMulNBits``' compute type (None: as exported; 0/1: fp32, exact;
-    4: int8 activations per block, faster with prepacking, not bit-exact).
+    4: int8 activations per block, faster with prepacking, not bit-exact). ``widen_2bit``: run
+    2-bit ``MatMulNBits`` as 4-bit (exact; onnxruntime 1.32 has no fast 2-bit CPU kernel: 3x
+    slower per matmul, measured; costs 0.25 byte per 2-bit weight). ``return_memory``: on glibc,
+    serve allocations >= 128 KiB with mmap so freed activations go back to the OS at once
+    (``mallopt(M_MMAP_THRESHOLD)``, process-wide; lowers the peak RSS, costs page faults).
     """
 
     threads: int | None = None
     arena: bool = False
-    prepacking: bool = False
+    prepacking: bool = True
     optimization: str = "all"
     mem_pattern: bool = True
     accuracy_level: int | None = None
+    widen_2bit: bool = True
+    return_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -254,7 +261,10 @@ class OrtBackend(Backend):
         for w_name, arr in weights.items():
             where = graph.file_location(arr)
             if where is not None and where[0].resolve().parent == folder:
-                model.graph.initializer.append(placeholder(w_name, arr, where[0].name, where[1]))
+                model.graph.initializer.append(placeholder(w_name, arr, where[0].name, where[1],
+                                                           graph.declared.get(w_name)))
+            elif w_name in graph.declared:
+                raise QbertEdgeError(f"{name}: {w_name}: a 4-bit initializer must stay in the file")
             else:
                 model.graph.initializer.append(placeholder(w_name, arr))
                 copied[w_name] = arr
@@ -342,6 +352,8 @@ class ReferenceBackend(Backend):
 def create(backend: str, graph, options: RuntimeOptions | None = None) -> Backend:
     """Build ``backend`` (a name from :data:`BACKENDS`) over a loaded graph."""
     options = options or RuntimeOptions()
+    if options.return_memory and backend != "reference":
+        return_memory_to_os()
     name = str(graph.path)
     has_ops = check_ops(graph.model, name)
     model = _copy(graph.model)
@@ -356,7 +368,12 @@ def create(backend: str, graph, options: RuntimeOptions | None = None) -> Backen
         if has_ops:
             from qbert_edge.runtime import native
 
+            before = weights
             model, weights = native.native_rewrite(model, weights, strict=False)
+            if options.widen_2bit:
+                weights = widen_2bit(model, weights)
+            kept = {id(a) for a in weights.values()} | {id(a.base) for a in weights.values() if a.base is not None}
+            graph.forget([a for a in before.values() if id(a) not in kept and id(a.base) not in kept])
             release_free_memory()
             if options.accuracy_level is not None:
                 set_accuracy_level(model, options.accuracy_level)
@@ -364,6 +381,25 @@ def create(backend: str, graph, options: RuntimeOptions | None = None) -> Backen
                 return OrtCustomBackend(model, weights, options, graph)
         return OrtBackend(model, weights, options, graph)
     raise QbertEdgeError(f"unknown backend {backend!r} (choose one of: auto, {', '.join(BACKENDS)})")
+
+
+def return_memory_to_os(threshold: int = 128 * 1024) -> None:
+    """glibc: allocations of at least ``threshold`` bytes use mmap, so ``free`` unmaps them at once.
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) after the first large free, after
+    which freed activation buffers stay in the heap and in RSS. Setting the threshold fixes it.
+    Process-wide; a no-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def release_free_memory() -> None:
@@ -382,6 +418,49 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # musl and others have no malloc_trim
         pass
+
+
+def widen_2bit(model, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rewrite every 2-bit ``MatMulNBits`` of ``model`` (in place) to 4 bits; returns the new weights.
+
+    Exact: a 2-bit code and zero point are the same numbers in 4 bits. ``B`` is
+    ``[N, blocks, block/4]`` bytes of 2-bit codes, low bits first; the 4-bit blob is
+    ``[N, blocks, block/2]``, two codes per byte, low nibble first. Zero points are packed per
+    row the same way (4 per byte -> 2 per byte, padded to whole bytes).
+    """
+    from onnx import helper
+
+    out = dict(weights)
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("bits") != 2 or node.input[1] not in out:
+            continue
+        n, k, block = int(attrs["N"]), int(attrs["K"]), int(attrs["block_size"])
+        blocks = k // block
+        codes = _crumbs(np.asarray(out[node.input[1]]).reshape(n, -1))[:, : blocks * block]
+        out[node.input[1]] = _nibbles(codes).reshape(n, blocks, block // 2)
+        if len(node.input) > 3 and node.input[3] in out:
+            zeros = _crumbs(np.asarray(out[node.input[3]]).reshape(n, -1))[:, :blocks]
+            out[node.input[3]] = _nibbles(zeros)
+        kept = [a for a in node.attribute if a.name != "bits"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("bits", 4)])
+    return out
+
+
+def _crumbs(packed: np.ndarray) -> np.ndarray:
+    """Rows of 2-bit values packed 4 per byte (low bits first) -> uint8 ``[rows, 4 * bytes]``."""
+    shifts = np.array([0, 2, 4, 6], np.uint8)
+    return ((packed[:, :, None] >> shifts) & 3).reshape(packed.shape[0], -1)
+
+
+def _nibbles(values: np.ndarray) -> np.ndarray:
+    """Rows of 4-bit values -> 2 per byte, low nibble first, odd rows padded with a zero nibble."""
+    if values.shape[1] % 2:
+        values = np.concatenate([values, np.zeros((values.shape[0], 1), np.uint8)], axis=1)
+    return np.ascontiguousarray(values[:, 0::2] | (values[:, 1::2] << 4))
 
 
 def set_accuracy_level(model, level: int) -> None:

@@ -64,6 +64,8 @@ class LoadedGraph:
     weights: dict[str, np.ndarray]
     file_bytes: int
     _maps: list = field(default_factory=list, repr=False)  # (file, mmap) pairs
+    #: name -> (onnx data type, dims) of weights whose view is not their declared type (4-bit types)
+    declared: dict = field(default_factory=dict)
 
     def file_location(self, arr: np.ndarray) -> tuple[Path, int] | None:
         """``(file, byte offset)`` of ``arr``'s bytes if it is a contiguous view of a mapped file."""
@@ -79,6 +81,31 @@ class LoadedGraph:
     def _regions(self) -> list[tuple[Path, int, int]]:
         return [(file, np.frombuffer(m, np.uint8, count=1).ctypes.data, len(m)) for file, m in self._maps]
 
+    def forget(self, arrays) -> int:
+        """Drop the mapped pages under ``arrays`` from this process (``MADV_DONTNEED``); returns bytes.
+
+        For weights a backend has consumed and copied (widened codes): their file pages were read
+        once and would otherwise stay resident, counted in RSS, until the mapping goes away. The
+        bytes stay in the page cache and remain readable; only whole pages inside each array go.
+        """
+        import mmap as _mmap
+
+        if not hasattr(_mmap, "MADV_DONTNEED"):
+            return 0
+        page = _mmap.PAGESIZE
+        dropped = 0
+        for arr in arrays:
+            where = self.file_location(arr)
+            if where is None:
+                continue
+            m = next(m for f, m in self._maps if f == where[0])
+            start = -(-where[1] // page) * page
+            stop = (where[1] + arr.nbytes) // page * page
+            if stop > start:
+                m.madvise(_mmap.MADV_DONTNEED, start, stop - start)
+                dropped += stop - start
+        return dropped
+
     def initializer_names(self) -> set[str]:
         return set(self.weights) | {t.name for t in self.model.graph.initializer}
 
@@ -86,7 +113,8 @@ class LoadedGraph:
         return {p.key: p.value for p in self.model.metadata_props}
 
 
-def placeholder(name: str, arr: np.ndarray, location: str = "qbert-edge-user-memory", offset: int | None = None):
+def placeholder(name: str, arr: np.ndarray, location: str = "qbert-edge-user-memory", offset: int | None = None,
+                declared: tuple[int, tuple[int, ...]] | None = None):
     """A TensorProto declaring ``name`` with ``arr``'s type and shape, its data external.
 
     With ``offset``, the data is ``arr.nbytes`` bytes at ``offset`` of the file ``location``
@@ -97,8 +125,12 @@ def placeholder(name: str, arr: np.ndarray, location: str = "qbert-edge-user-mem
 
     t = TensorProto()
     t.name = name
-    t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
-    t.dims.extend(arr.shape)
+    if declared is None:
+        t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.dims.extend(arr.shape)
+    else:
+        t.data_type = declared[0]
+        t.dims.extend(declared[1])
     t.data_location = TensorProto.EXTERNAL
     entries = [("location", location)]
     if offset is not None:
@@ -145,6 +177,7 @@ def load_graph(path: str | os.PathLike) -> LoadedGraph:
     maps = [(path, mapped)]
     external: dict[Path, object] = {}
     weights: dict[str, np.ndarray] = {}
+    declared: dict[str, tuple[int, tuple[int, ...]]] = {}
     total = size
     for i, raw in enumerate(tensors):
         tensor = onnx.TensorProto()
@@ -165,7 +198,9 @@ def load_graph(path: str | os.PathLike) -> LoadedGraph:
             model.graph.initializer.append(tensor)
             continue
         weights[tensor.name] = arr
-    return LoadedGraph(path, model, weights, total, maps + list(external.items()))
+        if tensor.data_type in SUB_BYTE:
+            declared[tensor.name] = (int(tensor.data_type), tuple(int(d) for d in tensor.dims))
+    return LoadedGraph(path, model, weights, total, maps + list(external.items()), declared)
 
 
 @dataclass(frozen=True)
@@ -299,11 +334,21 @@ def _dtype(tensor, path: Path) -> np.dtype:
         raise QbertEdgeError(f"{path}: initializer {tensor.name!r} has unsupported data type {tensor.data_type}") from None
 
 
+#: onnx data types stored several values per byte, by bits per value (INT4, UINT4, FLOAT4E2M1,
+#: UINT2, INT2): their views are the packed bytes, flat uint8, with the declared type kept aside.
+SUB_BYTE = {21: 4, 22: 4, 23: 4, 25: 2, 26: 2}
+
+
 def _view(buffer, tensor, span: tuple[int, int], path: Path) -> np.ndarray:
-    dtype = _dtype(tensor, path)
     shape = tuple(int(d) for d in tensor.dims)
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     offset, length = span
+    if tensor.data_type in SUB_BYTE:
+        need = (count * SUB_BYTE[tensor.data_type] + 7) // 8
+        if need != length:
+            raise QbertEdgeError(f"{path}: initializer {tensor.name!r} holds {length} bytes, its shape {list(shape)} needs {need}")
+        return np.frombuffer(buffer, dtype=np.uint8, count=length, offset=offset)
+    dtype = _dtype(tensor, path)
     if count * dtype.itemsize != length:
         raise QbertEdgeError(
             f"{path}: initializer {tensor.name!r} holds {length} bytes, its shape {list(shape)} needs {count * dtype.itemsize}"

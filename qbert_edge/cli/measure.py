@@ -38,7 +38,7 @@ def format_report(r: dict) -> str:
 @click.option("--runs", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--arena/--no-arena", default=None, help="onnxruntime's CPU memory arena. [default: off]")
-@click.option("--prepacking/--no-prepacking", default=None, help="Let kernels keep re-laid-out weight copies. [default: off]")
+@click.option("--prepacking/--no-prepacking", default=None, help="Let kernels keep re-laid-out weight copies. [default: on]")
 @click.option("--optimization", type=click.Choice(["disabled", "basic", "extended", "all"]), default=None,
               help="onnxruntime graph optimization level. [default: all]")
 @click.option("--plain-ort", is_flag=True, help="Measure onnxruntime.InferenceSession(MODEL) with its defaults instead (a baseline).")

@@ -35,6 +35,13 @@ def test_static_bytes_by_kind(tiny_path, tiny_tokenizer):
     assert got["graph"] > 0
 
 
+def test_native_4bit_bytes(tiny_path):
+    from qbert_edge.runtime.memory import native_4bit_bytes
+
+    # the 3-bit [16, 32] and 2-bit [2, 16] QMatMuls at 4 bits; the 8-bit embedding is not counted
+    assert native_4bit_bytes(load_graph(tiny_path)) == (INNER * HIDDEN + 2 * INNER) // 2
+
+
 def test_model_dims_and_activation_formula(tiny_path):
     dims = model_dims(load_graph(tiny_path))
     assert (dims.hidden, dims.intermediate) == (HIDDEN, INNER)
@@ -69,8 +76,8 @@ def test_measure_in_a_fresh_process(tiny_path, backend):
     assert rss["model_share"] == pytest.approx(rss["peak"] - rss["baseline"], abs=0.02)
     assert r["latency_ms"]["p90"] >= r["latency_ms"]["p50"] > 0
     assert r["static_mb"]["total"] > 0
-    # a 5 KB model costs onnxruntime's fixed overhead and nothing more: the budget's constant
-    assert rss["model_share"] < budget.RUNTIME_OVERHEAD_MB
+    # a 5 KB model costs the runtime's own overhead and nothing more (item 4 of the budget)
+    assert rss["model_share"] < budget.MAX_RUNTIME_MB
 
 
 def test_measure_reports_child_errors(tmp_path):
@@ -88,6 +95,11 @@ def test_measure_command_json(tiny_path, tmp_path, capsys):
     assert printed["seq_len"] == 8 and printed["runs"] == 2
 
 
-def test_budget_formula():
-    assert budget.budget_mb(48.0, 5.0) == pytest.approx(budget.FILE_FACTOR * 48 + 5 + budget.RUNTIME_OVERHEAD_MB)
-    assert np.isfinite(budget.budget_mb(0.0, 0.0))
+def test_budget_formula_and_check():
+    assert budget.budget_mb("ort", 48.0, 5.0, 20.0, native_4bit_mb=40.0) == pytest.approx(budget.FILE_FACTOR * 48 + 5 + 20 + 40)
+    assert budget.budget_mb("reference", 48.0, 5.0, 20.0, native_4bit_mb=40.0) == pytest.approx(budget.FILE_FACTOR * 48 + 5 + 20)
+    assert 5 < budget.backend_extra_mb("ort-custom") < 10  # one 2**18-value tile of the NumPy kernel
+    report = {"backend": "ort", "static_mb": {"total": 10.0}, "activations_mb": 1.0, "native_4bit_mb": 2.0,
+              "rss_mb": {"model_share": 40.0}}
+    assert budget.check(report, 25.0)[0] and not budget.check(report, 20.0)[0]
+    assert "model share 40.0 MB > budget 38.0 MB" in budget.check(report, 20.0)[1]
