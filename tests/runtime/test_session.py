@@ -231,3 +231,38 @@ def test_auto_falls_back_when_onnxruntime_is_missing(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         assert backends.resolve("auto") == "reference"
     assert "not installed" in caplog.text
+
+
+@pytest.mark.parametrize("options", [RuntimeOptions(widen_2bit=False), RuntimeOptions(prepacking=False),
+                                     RuntimeOptions(return_memory=False, arena=True)])
+def test_ort_options_keep_the_numbers(tiny_model, options):
+    path, weights = tiny_model
+    with Session(path, backend="ort", options=options) as s:
+        feeds = s.encode(TEXTS)
+        np.testing.assert_allclose(s.logits(TEXTS), numpy_logits(weights, feeds), rtol=RTOL, atol=ATOL)
+
+
+def test_widen_2bit_is_exact():
+    from onnx import helper
+
+    from qbert_edge.runtime.packing import pack
+
+    rng = np.random.default_rng(1)
+    n, k, block = 8, 64, 32
+    codes = rng.integers(0, 4, (n, k), dtype=np.uint8)
+    zeros = rng.integers(0, 4, (n, 2), dtype=np.uint8)
+    node = helper.make_node("MatMulNBits", ["x", "B", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=2, block_size=block)
+    graph = helper.make_graph([node], "g", [], [])
+    model = helper.make_model(graph)
+    weights = {"B": pack(codes, 2).reshape(n, 2, block // 4), "z": pack(np.pad(zeros, ((0, 0), (0, 2))), 2).reshape(n, 1)}
+    out = backends.widen_2bit(model, weights)
+    assert helper.get_attribute_value(next(a for a in model.graph.node[0].attribute if a.name == "bits")) == 4
+    np.testing.assert_array_equal(out["B"].reshape(n, -1), pack(codes, 4).reshape(n, -1))
+    np.testing.assert_array_equal(out["z"], pack(zeros, 4).reshape(n, 1))
+
+
+def test_accuracy_level_option_is_set_on_matmulnbits(tiny_model):
+    with Session(tiny_model[0], backend="ort", options=RuntimeOptions(accuracy_level=4)) as s:
+        assert s.predict(TEXTS)[0].label in ("negative", "positive")
+    with pytest.raises(QbertEdgeError, match="accuracy_level"):
+        RuntimeOptions(accuracy_level=7)
