@@ -63,18 +63,21 @@ def mp_layers(omega: dict[int, float], high: int, order: str, seed: int = 0) -> 
 
 
 def rows(omega: dict[int, float] | None, high: int) -> list[Row]:
-    attention = {s: None for s in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")}
-    ffn = {s: None for s in ("intermediate.dense", "output.dense")}
+    """Every row, most telling first (a sweep cut short still answers the main questions)."""
+    attention = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+    ffn = ("intermediate.dense", "output.dense")
     out = [Row("fp32", "bits", "fp32 baseline", "fp32")]
-    for b in (8, 4, 3, 2):
-        out.append(Row(f"directq-w{b}", "bits", f"DirectQ w{b}", "directq", bits=b))
-    for b in (8, 4, 3, 2):
-        out.append(Row(f"qbert-w{b}", "bits", f"Q-BERT w{b}", "qat", bits=b))
+    out += [Row(f"directq-w{b}", "bits", f"DirectQ w{b}", "directq", bits=b) for b in (8, 4, 3, 2)]
+    out += [Row(f"qbert-w{b}", "bits", f"Q-BERT w{b}", "qat", bits=b) for b in (4, 2, 3)]
     if omega:
         for lo, hi in ((2, 3), (2, 4)):
             layers = mp_layers(omega, high, "hessian")
             out.append(Row(f"qbert-mp{lo}{hi}", "bits", f"Q-BERT MP {lo}/{hi} (Hessian: {hi}-bit layers {layers})",
                            "qat", bits=lo, layer_bits={i: hi for i in layers}))
+        for order in ("random", "reversed"):
+            layers = mp_layers(omega, high, order, seed=0)
+            out.append(Row(f"control-mp23-{order}", "control", f"MP 2/3, 3-bit layers {order} {layers}", "qat",
+                           bits=2, layer_bits={i: 3 for i in layers}))
     for g in (1, 12, 384):
         name = "one per row" if g == 384 else str(g)
         out.append(Row(f"qbert-w4-g{g}", "groups", f"Q-BERT w4, groups {name}", "qat", bits=4, groups=g))
@@ -85,11 +88,7 @@ def rows(omega: dict[int, float] | None, high: int) -> list[Row]:
                    module_bits={s: 3 for s in attention}))
     out.append(Row("qbert-w4-ffn3", "attention-ffn", "Q-BERT w4, feed-forward 3 bits", "qat", bits=4,
                    module_bits={s: 3 for s in ffn}))
-    if omega:
-        for order in ("random", "reversed"):
-            layers = mp_layers(omega, high, order, seed=0)
-            out.append(Row(f"control-mp23-{order}", "control", f"MP 2/3, 3-bit layers {order} {layers}", "qat",
-                           bits=2, layer_bits={i: 3 for i in layers}))
+    out.append(Row("qbert-w8", "bits", "Q-BERT w8", "qat", bits=8))
     return out
 
 
@@ -165,8 +164,9 @@ def render(results: dict) -> str:
     titles = {"bits": "Bits (paper Tables 1-2)", "groups": "Groups at w4 (paper Table 3)",
               "embeddings": "Embedding bits at w4 (paper Table 4a)", "attention-ffn": "Attention vs feed-forward (paper Table 4b)",
               "control": "Is the Hessian worth it? MP 2/3 with other layer choices"}
+    order = {key: i for i, key in enumerate(results.get("planned", []))}
     for table, title in titles.items():
-        rows_ = [r for r in results["rows"] if r["table"] == table]
+        rows_ = sorted((r for r in results["rows"] if r["table"] == table), key=lambda r: order.get(r["key"], 99))
         if not rows_:
             continue
         lines += [f"## {title}", "", "| row | accuracy % | drop (points) | macro-F1 % | encoder MB | compression | weights MB | bits/weight |",
