@@ -149,6 +149,7 @@ def train_reference(
         train = Dataset(f"{train.name}[{recipe.limit} seeded]", tuple(train.examples[r] for r in rows), train.labels)
     model, tokenizer = load_base_classifier()
     log.info("%s: fine-tuning on %s (%d examples), %d threads", NAME, train.name, len(train), torch.get_num_threads())
+    load_start = os.getloadavg()[0]
 
     result = fine_tune(
         model, train, tokenizer,
@@ -184,6 +185,9 @@ def train_reference(
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            # 1-minute load average: other processes sharing the cores slow the run down
+            "load_average_start": round(load_start, 2),
+            "load_average_end": round(os.getloadavg()[0], 2),
         },
     }
     save_reference(model, out, info)
@@ -196,11 +200,16 @@ def save_reference(model, out: Path, info: dict) -> None:
     base = base_model_path()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     old: Path | None = None
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         model.save_pretrained(str(tmp))
         for name in TOKENIZER_FILES:
             shutil.copyfile(base / name, tmp / name)
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        for path in tmp.iterdir():  # mkdtemp and some writers use 0600/0700: make it readable like any file
+            path.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

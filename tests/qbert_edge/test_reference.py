@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import make_tiny_bert
@@ -34,6 +35,14 @@ def test_save_reference_replaces_atomically(tmp_path):
     reference.save_reference(make_tiny_bert(seed=1), out, {**info, "run": 2})
     assert json.loads((out / "reference.json").read_text())["run"] == 2
     assert sorted(p.name for p in out.parent.iterdir()) == ["minilm-rt"]  # no temporary or old dirs left
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_reference_dir_checks_format(tmp_path):
