@@ -74,34 +74,34 @@ def _row(cpu: str, label: str, backend: str, level: int | None, m: dict) -> dict
 
 
 def kernel_paths(arm: armenv.ArmEnv, model: Path, cpus: list[str], work: Path) -> list[dict]:
-    """Outputs of each ort configuration on each CPU, compared with the first CPU's (max|diff|)."""
+    """Which kernels ran: outputs of each ort configuration compared across CPU models and, on each
+    CPU, across configurations (max|diff| of the first output; 0 means the same kernels ran)."""
     texts_file = work / "texts.json"
     texts_file.write_text(json.dumps(list(armcheck.TEXTS)))
-    out = []
-    for label, backend, level in CONFIGS:
-        if backend != "ort":
-            continue
-        outputs = {}
+    configs = [(label, level) for label, backend, level in CONFIGS if backend == "ort"]
+    outputs: dict[tuple[str, str], np.ndarray | None] = {}
+    for label, level in configs:
         for cpu in cpus:
             d = work / f"paths-{cpu}-{level}"
             d.mkdir(parents=True, exist_ok=True)
             args = [str(armcheck.DEVICE), str(model), "--texts", str(texts_file), "--out-dir", str(d),
-                    "--backends", backend]
+                    "--backends", "ort"]
             if level is not None:
                 args += ["--accuracy-level", str(level)]
             proc = arm.run(args, cpu=cpu, capture_output=True, text=True)
-            if proc.returncode != 0:
-                outputs[cpu] = None
-                continue
-            with np.load(d / f"{model.stem}.npz") as data:
-                outputs[cpu] = data[f"{backend}/last_hidden_state"] if f"{backend}/last_hidden_state" in data.files \
-                    else data[f"{backend}/logits"]
-        first = cpus[0]
-        for cpu in cpus[1:]:
-            a, b = outputs.get(first), outputs.get(cpu)
-            diff = None if a is None or b is None else float(np.abs(a.astype(np.float64) - b).max())
-            out.append({"config": label, "cpu_a": first, "cpu_b": cpu, "max_abs_diff": diff,
-                        "same_kernel": None if diff is None else diff == 0.0})
+            outputs[label, cpu] = None
+            if proc.returncode == 0:
+                with np.load(d / f"{model.stem}.npz") as data:
+                    first = sorted(k for k in data.files if k.startswith("ort/"))
+                    outputs[label, cpu] = data[first[0]] if first else None
+    pairs = [((label, cpus[0]), (label, cpu)) for label, _ in configs for cpu in cpus[1:]]
+    pairs += [((configs[0][0], cpu), (label, cpu)) for cpu in cpus for label, _ in configs[1:]]
+    out = []
+    for a, b in pairs:
+        x, y = outputs.get(a), outputs.get(b)
+        diff = None if x is None or y is None else float(np.abs(x.astype(np.float64) - y).max())
+        out.append({"a": f"{a[0]} @ {a[1]}", "b": f"{b[0]} @ {b[1]}", "max_abs_diff": diff,
+                    "same_kernels": None if diff is None else diff == 0.0})
     return out
 
 
@@ -111,7 +111,8 @@ def format_markdown(report: dict) -> str:
         "# aarch64 under qemu: backends per CPU model",
         "",
         f"Command: `{report['command']}`  ",
-        (f"Date: {report['date']}; host: {report['host']['cpu']} ({report['host']['cores']} cores, shared), "
+        (f"Date: {report['date']}; host: {report['host']['cpu']} ({report['host']['cores']} cores, shared; "
+         f"load average {report['host']['loadavg_1m']:.1f} at the end), "
         f"qemu {report['qemu_version']}, onnxruntime {report['onnxruntime']}.  "),
         (f"Model: {report['model']['name']} ({report['model']['mb']:.1f} MB file), batch 1 x {report['seq_len']} "
         f"tokens, {report['runs']} timed runs after 1 warm-up, fresh process per row (`qbert-edge measure`)."),
@@ -130,12 +131,12 @@ def format_markdown(report: dict) -> str:
         lines.append(f"| {r['cpu']} | {r['config']} | {r['latency_ms_p50']:.0f} | {r['load_s']:.1f} | "
                      f"{r['rss_peak_mb']:.1f} | {r['model_share_mb']:.1f} | {r['static_mb']:.1f} |")
     if report.get("paths"):
-        lines += ["", ("Kernel paths: the same configuration on two CPU models (max |difference| of "
-                      "`last_hidden_state`; 0 means the same kernels ran):"), "",
-                  "| config | CPU a | CPU b | max abs diff | same kernels |", "|---|---|---|---:|---|"]
+        lines += ["", ("Kernel paths: `device.py` outputs (`last_hidden_state`, 4 texts) of two runs; "
+                       "0 means the same kernels ran, anything else that another kernel did:"), "",
+                  "| run a | run b | max abs diff | same kernels |", "|---|---|---:|---|"]
         for p in report["paths"]:
             diff = "n/a" if p["max_abs_diff"] is None else f"{p['max_abs_diff']:.3g}"
-            lines.append(f"| {p['config']} | {p['cpu_a']} | {p['cpu_b']} | {diff} | {p['same_kernel']} |")
+            lines.append(f"| {p['a']} | {p['b']} | {diff} | {p['same_kernels']} |")
     return "\n".join(lines) + "\n"
 
 
