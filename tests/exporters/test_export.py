@@ -180,7 +180,25 @@ def test_validation_fails_on_a_wrong_activation_zero_point():
     t.CopyFrom(numpy_helper.from_array(np.uint8(numpy_helper.to_array(t) + 3), t.name))
     report = validate_export(model, data)
     assert not report.ok, report.summary()
-    assert "mismatch" in report.summary() and "encoder.layer.1.output.dense" in report.summary()
+    assert len(report.activation_errors) == 1, report.activation_errors
+    assert report.activation_errors[0].startswith("encoder.layer.1.output.dense: ")
+    assert "codes differ from clamp(rint(x/scale)+zero)" in report.activation_errors[0]
+
+
+def test_validation_fails_on_an_activation_scale_from_another_layer():
+    """Swapping two modules' activation ranges is caught on every pair, not only where outputs move."""
+    data = quantized_checkpoint(8)
+    model = export_model(data)
+    inits = {t.name: t for t in model.graph.initializer}
+    a, b = "encoder.layer.0.attention.self.query.input_scale", "encoder.layer.1.intermediate.dense.input_scale"
+    va, vb = numpy_helper.to_array(inits[a]), numpy_helper.to_array(inits[b])
+    inits[a].CopyFrom(numpy_helper.from_array(vb, a))
+    inits[b].CopyFrom(numpy_helper.from_array(va, b))
+    report = validate_export(model, data)
+    assert not report.ok
+    assert {e.split(":")[0] for e in report.activation_errors} == {
+        "encoder.layer.0.attention.self.query", "encoder.layer.1.intermediate.dense"
+    }
 
 
 def test_explain_tells_a_rounding_flip_from_a_mismatch():
