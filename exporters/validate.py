@@ -231,8 +231,12 @@ def onnx_outputs(
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return "onnxruntime", dict(zip(names, session.run(names, dict(feeds))))
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return "onnxruntime", dict(zip(names, session.run(names, dict(feeds))))
+        except Exception as exc:  # onnxruntime's Fail / NotImplemented / InvalidGraph
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise QbertEdgeError(f"onnxruntime cannot run the exported model: {first[:300]}") from None
     from qbert_edge.runtime.reference import run_reference
 
     return "reference", run_reference(model, feeds, names)

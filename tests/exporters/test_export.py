@@ -235,17 +235,20 @@ def test_report_passes_only_flips_with_an_agreeing_unquantized_recheck():
     assert "sentence 4: flip" in ValidationReport("reference", 12, 100, past, fine, flip).summary()
 
 
-@pytest.mark.parametrize("opset", [17, 21])
+@pytest.mark.parametrize("opset", [17, 21, 27])
 def test_opsets(mixed, opset):
-    model = export_model(mixed, opset=opset)
-    assert next(o.version for o in model.opset_import if o.domain == "") == opset
-    check_model(model)
-    assert validate_export(model, mixed, check=False).ok
+    for target in ("portable", "ort"):
+        model = export_model(mixed, opset=opset, target=target)
+        assert next(o.version for o in model.opset_import if o.domain == "") == opset
+        check_model(model)
+        assert validate_export(model, mixed, check=False).ok
 
 
 def test_bad_opset_and_target(mixed):
     with pytest.raises(QbertEdgeError, match="supported opsets are 17"):
         export_model(mixed, opset=16)
+    with pytest.raises(QbertEdgeError, match="supported opsets are 17..27"):
+        export_model(mixed, opset=28)
     with pytest.raises(QbertEdgeError, match="unknown target"):
         export_model(mixed, target="tflite")
 
