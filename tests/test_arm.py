@@ -100,6 +100,21 @@ def test_a_backend_error_on_either_side_fails_with_its_message():
     assert not res.ok and res.error == "arm: QbertEdgeError: backend ort needs onnxruntime"
 
 
+def test_device_results_from_a_board_are_checked_for_format_and_presence(tmp_path):
+    models = {"m": tmp_path / "m.onnx"}
+    with pytest.raises(RuntimeError, match="no results for m.onnx"):
+        check.load_device_results(models, tmp_path)
+    np.savez(tmp_path / "m.npz", meta=np.array(json.dumps({"format": "something-else"})))
+    with pytest.raises(RuntimeError, match="not a device.py result"):
+        check.load_device_results(models, tmp_path)
+    meta = {"format": check.device_format(), "machine": "aarch64", "emulated": None,
+            "cpu_features": {"asimddp": False}, "texts": ["a"]}
+    np.savez(tmp_path / "m.npz", meta=np.array(json.dumps(meta)), **{"input/input_ids": np.ones((1, 3))})
+    results = check.load_device_results(models, tmp_path)
+    assert results["m"][1]["texts"] == ["a"] and "input/input_ids" in results["m"][0]
+    assert check._board(results) == "aarch64 without dotprod (board)"
+
+
 # --------------------------------------------------------------------------- environment pieces
 
 

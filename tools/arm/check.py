@@ -391,9 +391,12 @@ def check(models: dict[str, Path], cpu: str, backends: list[str], work: Path, ar
 
 
 def _board(results: dict[str, tuple]) -> str:
+    """How device.py described the machine: ``cortex-a76 (emulated)`` or ``aarch64 with dotprod``."""
     meta = next(iter(results.values()))[1]
+    if meta.get("emulated"):
+        return f"{meta['emulated']} (emulated)"
     feats = meta.get("cpu_features") or {}
-    return f"{meta.get('machine')}{' dotprod' if feats.get('asimddp') else ''}"
+    return f"{meta.get('machine')} {'with' if feats.get('asimddp') else 'without'} dotprod (board)"
 
 
 def prepare(folder: Path, base: str) -> int:
@@ -484,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = ns.json.with_name(ns.json.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, ns.json)
-    where = f"{cpu}, emulated" if arm is not None else f"{cpu}, real board"
+    where = f"{cpu}, emulated" if arm is not None else f"{cpu}, from --device-results"
     print(f"{'PASS' if report['ok'] else 'FAIL'}: aarch64 ({where}) vs x86, "
           f"{len(report['models'])} model(s), {report['seconds']:.0f} s")
     return 0 if report["ok"] else 1

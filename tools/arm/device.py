@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     texts = json.loads(ns.texts.read_text())
+    ns.out_dir.mkdir(parents=True, exist_ok=True)
     for model in ns.models:
         arrays, facts = run_backends(model, texts, [b for b in ns.backends.split(",") if b], ns.runs, ns.threads,
                                      ns.accuracy_level)
