@@ -93,6 +93,16 @@ def test_confident_label_flip_fails_and_borderline_flip_passes():
     assert not check.compare_backend("ort", x86, confident, _device_meta(), _device_meta(), exact=False).ok
 
 
+def test_predictions_show_labels_for_a_classifier_and_neighbours_for_an_encoder():
+    mask = np.ones((2, 3), dtype=np.int64)
+    logits = {"input/attention_mask": mask, "ort/logits": np.array([[2.0, -1.0], [-1.0, 1.5]], np.float32)}
+    text = check.format_predictions(["good", "bad"], logits, logits, "ort", ["negative", "positive"])
+    assert "arm: negative" in text.splitlines()[0] and "x86: positive" in text.splitlines()[1]
+    hidden = {"input/attention_mask": mask, "ort/last_hidden_state": _hidden(batch=2, length=3)}
+    text = check.format_predictions(["good", "bad"], hidden, hidden, "ort", None)
+    assert "cos 1.00000" in text and "nearest arm: #2" in text
+
+
 def test_a_backend_error_on_either_side_fails_with_its_message():
     x86 = {"input/attention_mask": np.ones((1, 2))}
     arm_meta = {"backends": {"ort": {"error": "QbertEdgeError: backend ort needs onnxruntime"}}}
