@@ -23,7 +23,6 @@ Writes ``runtime.json`` (``qbert-edge/benchmark-runtime`` v1) and ``runtime.md``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
