@@ -70,6 +70,7 @@ def plot_landscape(land: Landscape, path: str | os.PathLike, model: str = "") ->
     fig = plt.figure(figsize=(10, 4.5), dpi=120)
     ax = fig.add_subplot(1, 2, 1, projection="3d")
     ax.plot_surface(A, B, z, cmap="viridis", linewidth=0, antialiased=True, alpha=0.9)
+    ax.tick_params(labelsize=6)
     ax.set_xlabel("ε1 (top eigenvector)", fontsize=8)
     ax.set_ylabel("ε2 (2nd eigenvector)", fontsize=8)
     ax.set_zlabel("loss", fontsize=8)

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from qbert_edge.errors import QbertEdgeError
+
+
+def _parse_landscape(text: str | None) -> int | str | None:
+    if text is None or text == "top":
+        return text
+    try:
+        layer = int(text)
+    except ValueError:
+        raise QbertEdgeError(f"--landscape {text!r}: expected a layer number or 'top'") from None
+    if layer < 0:
+        raise QbertEdgeError(f"--landscape {layer}: layer numbers start at 0")
+    return layer
 
 
 def _parse_layers(text: str | None) -> list[int] | None:
@@ -36,7 +52,7 @@ def _parse_layers(text: str | None) -> list[int] | None:
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads [default: torch's choice].")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write sensitivity.json.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG of the eigenvalue spread per layer.")
-@click.option("--landscape", "landscape_layer", type=click.IntRange(0), default=None, help="Also compute the loss landscape of this layer along its top two eigenvectors.")
+@click.option("--landscape", "landscape_layer", default=None, help="Also compute the loss landscape of this layer (a number, or 'top' for the most sensitive) along its top two eigenvectors.")
 @click.option("--landscape-plot", "landscape_path", type=click.Path(dir_okay=False), default=None,
               help="PNG of the landscape [default: <output stem>.landscape-L<LAYER>.png].")
 @click.option("--landscape-grid", type=click.IntRange(3), default=15, show_default=True, help="Grid points per axis.")
@@ -56,10 +72,11 @@ def command(model, data, k, fraction, batch_size, max_length, seed, max_iter, to
       qbert-edge analyze minilm-rt --data rt:train -o sensitivity.json --plot sensitivity.png
     """
     layers = _parse_layers(layers_text)
+    landscape_layer = _parse_landscape(landscape_layer)
     output = Path(output)
     targets = [output] + [Path(p) for p in (plot_path,) if p]
     if landscape_layer is not None:
-        landscape_path = Path(landscape_path) if landscape_path else output.with_name(f"{output.stem}.landscape-L{landscape_layer}.png")
+        landscape_path = Path(landscape_path) if landscape_path else output.with_name(f"{output.stem}.landscape.png")
         targets.append(landscape_path)
     for t in targets:
         if not t.parent.is_dir():
@@ -86,11 +103,12 @@ def command(model, data, k, fraction, batch_size, max_length, seed, max_iter, to
     else:
         dataset = load_data(data, labels=loaded.labels or None)
     n_layers = hessian.encoder_layers(net)  # also: a clear error for a model without a classifier
-    if landscape_layer is not None and landscape_layer >= n_layers:
+    if isinstance(landscape_layer, int) and landscape_layer >= n_layers:
         raise QbertEdgeError(f"--landscape {landscape_layer}: the model has {n_layers} encoder layers (0..{n_layers - 1})")
     subs = subsets(dataset, k, fraction, seed)
     batches = [hessian.sorted_batches(s, loaded.tokenizer, batch_size, max_length) for s in subs]
     info = {
+        "command": shlex.join(["qbert-edge", *sys.argv[1:]]) if sys.argv[0].endswith("qbert-edge") else None,
         "model": loaded.name,
         "data": data,
         "shapes": quantizable_shapes(net),
@@ -123,6 +141,9 @@ def command(model, data, k, fraction, batch_size, max_length, seed, max_iter, to
 
     land = None
     if landscape_layer is not None:
+        t0 = time.perf_counter()
+        if landscape_layer == "top":
+            landscape_layer = sens.ranking()[0]
         sample = subs[0]
         sample = type(sample)(sample.name, sample.examples[:landscape_examples], sample.labels)
         lb = hessian.sorted_batches(sample, loaded.tokenizer, batch_size, max_length)
@@ -130,7 +151,7 @@ def command(model, data, k, fraction, batch_size, max_length, seed, max_iter, to
         start = last[landscape_layer].vector if landscape_layer in last else None
         pairs = hessian.top_eigenvectors(net, lb, landscape_layer, k=2, max_iter=max_iter, tol=tol, seed=seed, start=start)
         land = hessian.loss_landscape(net, lb, landscape_layer, pairs, radius=landscape_radius, grid=landscape_grid)
-        sens = sens.with_landscape(land)
+        sens = replace(sens.with_landscape(land), timings={**sens.timings, "landscape_s": round(time.perf_counter() - t0, 3)})
 
     with contextlib.ExitStack() as stack:
         tmp_json = stack.enter_context(atomic_path(output))
