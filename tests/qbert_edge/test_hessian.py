@@ -400,3 +400,32 @@ def test_cli_analyze_errors(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["analyze", str(d), "--data", str(data), "-o", str(tmp_path / "nope" / "s.json")])
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_minilm_layer_hvp_matches_finite_difference():
+    """The real architecture (pretrained all-MiniLM-L6-v2, SDPA attention switched to eager) on 8 sentences."""
+    from qbert_edge.data import Dataset, Example
+    from qbert_edge.loading import load_model
+
+    loaded = load_model("minilm", num_labels=2)
+    model = loaded.model
+    data = Dataset("tiny", tuple(Example(t, y) for t, y in TINY_TEXTS), ("negative", "positive"))
+    batches = hessian.sorted_batches(data, loaded.tokenizer, 4, 16)
+    weights = {5: list(hessian.layer_weights(model, [5])[5].values())}
+    v = {5: hessian.random_direction(weights[5], 0)}
+    eps = 1e-2
+    with hessian.hessian_mode(model, weights[5]):
+        hv = torch.cat([h.reshape(-1) for h in hessian.hvp(model, batches, weights, v)[5]])
+        grads = []
+        for step in (eps, -2 * eps, eps):  # theta + eps v, theta - eps v, back to theta
+            with torch.no_grad():
+                for p, d in zip(weights[5], v[5]):
+                    p.add_(step * d)
+            if len(grads) < 2:
+                grads.append(torch.cat([g.reshape(-1) for g in hessian.gradients(model, batches, weights)[5]]))
+    assert model.config._attn_implementation == "sdpa"
+    fd = (grads[0] - grads[1]) / (2 * eps)
+    cos = float(torch.nn.functional.cosine_similarity(hv, fd, dim=0))
+    assert cos > 0.999, cos
+    assert float(hv.norm()) == pytest.approx(float(fd.norm()), rel=1e-2)
