@@ -370,15 +370,17 @@ def create(backend: str, graph, options: RuntimeOptions | None = None) -> Backen
 
             before = weights
             model, weights = native.native_rewrite(model, weights, strict=False)
-            if options.widen_2bit:
-                weights = widen_2bit(model, weights)
-            kept = {id(a) for a in weights.values()} | {id(a.base) for a in weights.values() if a.base is not None}
-            graph.forget([a for a in before.values() if id(a) not in kept and id(a.base) not in kept])
-            release_free_memory()
-            if options.accuracy_level is not None:
-                set_accuracy_level(model, options.accuracy_level)
-            if check_ops(model, name):  # shapes MatMulNBits cannot hold keep our op (logged by native)
-                return OrtCustomBackend(model, weights, options, graph)
+        else:  # a --target ort export (or any ONNX model) runs as it is, but for the settings below
+            before = weights
+        if options.widen_2bit:
+            weights = widen_2bit(model, weights)
+        kept = {id(a) for a in weights.values()} | {id(a.base) for a in weights.values() if a.base is not None}
+        graph.forget([a for a in before.values() if id(a) not in kept and id(a.base) not in kept])
+        release_free_memory()
+        if options.accuracy_level is not None:
+            set_accuracy_level(model, options.accuracy_level)
+        if has_ops and check_ops(model, name):  # shapes MatMulNBits cannot hold keep our op (logged by native)
+            return OrtCustomBackend(model, weights, options, graph)
         return OrtBackend(model, weights, options, graph)
     raise QbertEdgeError(f"unknown backend {backend!r} (choose one of: auto, {', '.join(BACKENDS)})")
 

@@ -354,3 +354,20 @@ def test_backends_agree_on_the_reference_dev_set(minilm_classifier):
         assert st["within_tol"] >= DEV_CLEAN, f"{backend}: only {st['within_tol']:.1%} of sentences within {tol:.4f}"
         assert st["same_labels"] >= DEV_SAME_LABELS, f"{backend}: only {st['same_labels']:.1%} of labels agree"
         assert st["firm_flips"] == 0, f"{backend}: {st['firm_flips']} labels differ on within-tolerance, clear-margin sentences"
+
+
+def test_target_ort_model_runs_on_ort_only(tmp_path, tiny_tokenizer):
+    from qbert_edge.runtime.native import to_native
+
+    model, weights = tiny_classifier(tiny_tokenizer)
+    native = to_native(model)
+    for prop in native.metadata_props:
+        if prop.key == "qbert_edge.target":
+            prop.value = "ort"
+    path = save(native, tmp_path / "tiny.ort.onnx")
+    assert not any(n.domain == "qbert_edge" for n in native.graph.node)
+    with Session(path, backend="ort") as s:
+        feeds = s.encode(TEXTS)
+        np.testing.assert_allclose(s.logits(TEXTS), numpy_logits(weights, feeds), rtol=RTOL, atol=ATOL)
+    with pytest.raises(QbertEdgeError, match="exported with --target ort"):
+        Session(path, backend="reference")
