@@ -513,7 +513,6 @@ def loss_landscape(
     u1, u2 = directions[0].vector, directions[1].vector
     steps = [radius * (2 * j / (grid - 1) - 1) for j in range(grid)]
     losses = []
-    impl = getattr(model.config, "_attn_implementation", None)
     training = model.training
     model.eval()
     try:
@@ -530,8 +529,6 @@ def loss_landscape(
             for p, w in zip(params, original):
                 p.copy_(w)
         model.train(training)
-        if impl is not None and getattr(model.config, "_attn_implementation", None) != impl:
-            model.set_attn_implementation(impl)
     return Landscape(
         layer=layer,
         eigenvalues=(directions[0].eigenvalue, directions[1].eigenvalue),
