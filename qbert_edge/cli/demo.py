@@ -35,7 +35,7 @@ def _step(args: list[str]) -> None:
 @click.option("--model", default="minilm-rt", show_default=True, help="The fine-tuned classifier to quantize.")
 @click.option("--scheme", default="2/3", show_default=True, help="Mixed-precision scheme for allocate.")
 @click.option("--qat-steps", type=click.IntRange(1), default=80, show_default=True, help="QAT steps (batch 32).")
-@click.option("--backend", default="ort-custom", show_default=True, help="Runtime backend for run/eval/measure.")
+@click.option("--backend", default="auto", show_default=True, help="Runtime backend for run/eval/measure (auto, ort, ort-custom, reference).")
 def command(out_dir, model, scheme, qat_steps, backend) -> None:
     """Run analyze -> allocate -> quantize -> export -> run -> eval -> measure on the reference model.
 
