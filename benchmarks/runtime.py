@@ -26,7 +26,6 @@ import argparse
 import logging
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,89 +36,33 @@ MB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
 HIGH_LAYERS = range(6)  # 2/3 MP: these layers get 3 bits, the rest 2
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_models import (
+    build_bert_base,
+    export_onnx,
+    ort_int8,
+    ort_nbits,
+    ort_optimized,
+    quantize_ours,
+)
+
 log = logging.getLogger("benchmarks.runtime")
 
 
 # --------------------------------------------------------------------------- models
 
 
-def build_bert_base(workdir: Path) -> Path:
-    """A random-weight BERT-base directory with the BERT-uncased tokenizer of all-MiniLM-L6-v2."""
-    out = workdir / "bert-base-random"
-    if (out / "config.json").is_file():
-        return out
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from qbert_edge.reference import base_model_path as minilm_path
-
-    torch.manual_seed(0)
-    model = BertModel(BertConfig()).eval()
-    tmp = workdir / "bert-base-random.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        if (minilm_path() / name).is_file():
-            shutil.copy(minilm_path() / name, tmp / name)
-    tmp.rename(out)
-    return out
-
-
 def build_models(workdir: Path) -> dict[str, Path]:
     """Every model file of the benchmark, built once and reused from ``workdir``."""
-    from qbert_edge.exporters.onnx_export import export_file
-
     base = build_bert_base(workdir)
     paths = {k: workdir / f"bert-base-{k}.onnx" for k in ("fp32", "fp32+opt", "int8", "nbits4", "ours")}
-    if not paths["fp32"].exists():
-        log.info("exporting fp32")
-        export_file(str(base), paths["fp32"], validate=False)
-    if not paths["fp32+opt"].exists():
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        log.info("onnxruntime.transformers.optimizer")
-        opt = optimize_model(str(paths["fp32"]), model_type="bert", num_heads=12, hidden_size=768)
-        log.info("fusions: %s", opt.get_fused_operator_statistics())
-        opt.save_model_to_file(str(paths["fp32+opt"]))
-    if not paths["int8"].exists():
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        log.info("quantize_dynamic")
-        quantize_dynamic(str(paths["fp32"]), str(paths["int8"]), weight_type=QuantType.QInt8)
-    if not paths["nbits4"].exists():
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        log.info("MatMulNBitsQuantizer 4-bit block 32")
-        q = MatMulNBitsQuantizer(onnx.load(str(paths["fp32"])), bits=4, block_size=32, is_symmetric=False,
-                                 op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)))
-        q.process()
-        q.model.save_model_to_file(str(paths["nbits4"]), use_external_data_format=False)
-    if not paths["ours"].exists():
-        pt = workdir / "bert-base-ours.pt"
-        if not pt.exists():
-            quantize_ours(base, pt)
-        log.info("exporting ours")
-        export_file(str(pt), paths["ours"], validate=False)
+    export_onnx(base, paths["fp32"])
+    ort_optimized(paths["fp32"], paths["fp32+opt"], num_heads=12, hidden_size=768)
+    ort_int8(paths["fp32"], paths["int8"])
+    ort_nbits(paths["fp32"], paths["nbits4"], block_size=32, gather=True)
+    pt = quantize_ours(base, workdir / "bert-base-ours.pt", bits=2, high_bits=3, high_layers=HIGH_LAYERS)
+    export_onnx(pt, paths["ours"])
     return paths
-
-
-def quantize_ours(base: Path, out: Path) -> None:
-    """DirectQ at 2/3 MP with 8-bit embeddings, calibrated on 64 Rotten Tomatoes sentences."""
-    from qbert_edge.checkpoint import save_quantized
-    from qbert_edge.data import load_data, subsets, torch_batches
-    from qbert_edge.loading import load_model
-    from qbert_edge.plan import uniform_plan
-    from qbert_edge.qmodel import quantizable_shapes
-    from qbert_edge.quantize import direct_quantize
-
-    log.info("DirectQ 2/3 MP")
-    loaded = load_model(str(base))
-    plan = uniform_plan(quantizable_shapes(loaded.model), 2, 128, layer_bits={i: 3 for i in HIGH_LAYERS},
-                        meta={"scheme": "2/3 MP", "high_layers": list(HIGH_LAYERS)})
-    train = load_data("rt:train")
-    calib = subsets(train, 1, 64 / len(train), 0)[0]
-    save_quantized(direct_quantize(loaded, plan, torch_batches(calib, loaded.tokenizer, 32, 128)), out)
 
 
 # --------------------------------------------------------------------------- measuring

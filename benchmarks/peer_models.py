@@ -1,0 +1,154 @@
+"""Model files the benchmarks compare: qbert-edge's own and those of the tools a user would pick instead.
+
+    from peer_models import build_bert_base, ort_int8, ort_nbits, quantize_ours
+    ort_int8(fp32_onnx, out_onnx, per_channel=True)
+
+Shared by ``benchmarks/runtime.py`` and ``benchmarks/peers.py``. Each builder writes one file
+(atomically, through a temporary name) and does nothing if the file exists already, so a benchmark
+builds its models once per work directory. What this module does not do: measure anything (see
+:mod:`qbert_edge.runtime.memory`) or choose which variants a benchmark runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("benchmarks.peer_models")
+
+
+def _fresh(out: Path) -> Path | None:
+    """``None`` if ``out`` exists already, else a temporary path beside it to write to."""
+    if out.exists():
+        return None
+    return out.with_name(out.name + ".tmp" + out.suffix)
+
+
+def build_bert_base(workdir: Path) -> Path:
+    """A random-weight BERT-base directory with the BERT-uncased tokenizer of all-MiniLM-L6-v2."""
+    out = workdir / "bert-base-random"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from qbert_edge.reference import base_model_path as minilm_path
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig()).eval()
+    tmp = workdir / "bert-base-random.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (minilm_path() / name).is_file():
+            shutil.copy(minilm_path() / name, tmp / name)
+    tmp.rename(out)
+    return out
+
+
+def export_onnx(source: str | Path, out: Path) -> Path:
+    """qbert-edge's exporter (portable target, no validation): a model directory/spec or a ``model.pt``."""
+    tmp = _fresh(out)
+    if tmp is not None:
+        from qbert_edge.exporters.onnx_export import export_file
+
+        log.info("exporting %s -> %s", source, out.name)
+        export_file(str(source), tmp, validate=False)
+        os.replace(tmp, out)
+    return out
+
+
+def ort_optimized(fp32: Path, out: Path, num_heads: int, hidden_size: int) -> Path:
+    """``onnxruntime.transformers.optimizer`` (BERT fusions) of ``fp32``."""
+    tmp = _fresh(out)
+    if tmp is not None:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        log.info("onnxruntime.transformers.optimizer -> %s", out.name)
+        opt = optimize_model(str(fp32), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+        log.info("fusions: %s", opt.get_fused_operator_statistics())
+        opt.save_model_to_file(str(tmp))
+        os.replace(tmp, out)
+    return out
+
+
+def ort_int8(fp32: Path, out: Path, per_channel: bool = False) -> Path:
+    """``onnxruntime.quantization.quantize_dynamic`` of ``fp32``: int8 weights (QInt8)."""
+    tmp = _fresh(out)
+    if tmp is not None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        log.info("quantize_dynamic per_channel=%s -> %s", per_channel, out.name)
+        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel)
+        os.replace(tmp, out)
+    return out
+
+
+def ort_nbits(fp32: Path, out: Path, block_size: int = 32, gather: bool = True) -> Path:
+    """``MatMulNBitsQuantizer`` 4-bit asymmetric weight-only of ``fp32``; ``gather`` also
+    quantizes the embedding tables (``GatherBlockQuantized``)."""
+    tmp = _fresh(out)
+    if tmp is not None:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        log.info("MatMulNBitsQuantizer 4-bit block %d gather=%s -> %s", block_size, gather, out.name)
+        ops = ("MatMul", "Gather") if gather else ("MatMul",)
+        axes = (("MatMul", 0), ("Gather", 1)) if gather else (("MatMul", 0),)
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=block_size, is_symmetric=False,
+                                 op_types_to_quantize=ops, quant_axes=axes)
+        q.process()
+        q.model.save_model_to_file(str(tmp), use_external_data_format=False)
+        os.replace(tmp, out)
+    return out
+
+
+def torch_module(source: str | Path, out: Path, dynamic_int8: bool = False) -> Path:
+    """The PyTorch model of ``source`` pickled whole (``torch.save``), optionally after
+    ``torch.ao.quantization.quantize_dynamic`` of every ``nn.Linear`` to int8."""
+    tmp = _fresh(out)
+    if tmp is not None:
+        import torch
+
+        from qbert_edge.loading import load_model
+
+        model = load_model(str(source)).model.eval()
+        if dynamic_int8:
+            log.info("torch quantize_dynamic int8 -> %s", out.name)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        torch.save(model, tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def quantize_ours(source: str | Path, out: Path, bits: int, groups: int = 128,
+                  high_bits: int | None = None, high_layers: range = range(0), qat_steps: int = 0) -> Path:
+    """qbert-edge at ``bits`` (layers ``high_layers`` at ``high_bits``), ``groups`` groups, 8-bit
+    embeddings and activations; DirectQ calibrated on 64 Rotten Tomatoes sentences, or QAT for
+    ``qat_steps`` steps on ``rt:train`` when ``qat_steps`` > 0. Writes a ``model.pt``."""
+    tmp = _fresh(out)
+    if tmp is not None:
+        from qbert_edge.checkpoint import save_quantized
+        from qbert_edge.data import load_data, subsets, torch_batches
+        from qbert_edge.loading import load_model
+        from qbert_edge.plan import uniform_plan
+        from qbert_edge.qmodel import quantizable_shapes
+        from qbert_edge.quantize import direct_quantize, qat_quantize
+
+        loaded = load_model(str(source))
+        layer_bits = {i: high_bits for i in high_layers} if high_bits else None
+        meta = {"scheme": f"{bits}/{high_bits} MP" if high_bits else f"w{bits}", "high_layers": list(high_layers)}
+        plan = uniform_plan(quantizable_shapes(loaded.model), bits, groups, layer_bits=layer_bits, meta=meta)
+        train = load_data("rt:train")
+        if qat_steps > 0:
+            log.info("QAT %s, %d steps -> %s", meta["scheme"], qat_steps, out.name)
+            result = qat_quantize(loaded, plan, train, max_steps=qat_steps, progress=False)
+        else:
+            log.info("DirectQ %s -> %s", meta["scheme"], out.name)
+            calib = subsets(train, 1, 64 / len(train), 0)[0]
+            result = direct_quantize(loaded, plan, torch_batches(calib, loaded.tokenizer, 32, 128))
+        save_quantized(result, tmp)
+        os.replace(tmp, out)
+    return out

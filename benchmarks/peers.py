@@ -1,0 +1,479 @@
+"""Side-by-side benchmark: qbert-edge against onnxruntime's quantizers and PyTorch, with plots.
+
+    python benchmarks/peers.py                          # MiniLM classifier + BERT-base shape
+    python benchmarks/peers.py --quick                  # MiniLM only, 1 repeat, few runs
+    python benchmarks/peers.py --skip-bert-base --repeats 3 --runs 10
+
+Two models: the fine-tuned MiniLM classifier ``minilm-rt`` (sizes, speed and accuracy on
+``rt:dev``) and a random-weight BERT-base encoder (sizes and speed only). From each, built once
+in ``--workdir`` (see ``peer_models.py``):
+
+- peers: ORT fp32 (qbert-edge's fp32 export), ORT ``quantize_dynamic`` int8 per-channel,
+  ``MatMulNBitsQuantizer`` 4-bit block 32 and 128 with and without ``GatherBlockQuantized``
+  embeddings, PyTorch fp32 and PyTorch ``quantize_dynamic`` int8 (``nn.Linear``);
+- ours: w8, w4, w3 (128 groups), 2/3 MP and 2/4 MP (first half of the layers at the higher width),
+  8-bit embeddings and activations, DirectQ (or ``--qat-steps`` steps of QAT), exported portable
+  and run on the ``ort`` and ``ort-custom`` backends (``reference`` is for correctness only and
+  is not timed).
+
+Every speed/memory figure is a fresh process (:func:`qbert_edge.runtime.memory.measure` for ONNX,
+a PyTorch child of this script for PyTorch): batch 1 x 128 and 8 x 128 tokens, ``--threads``
+threads, repeated ``--repeats`` times; the table gives the median and the min-max spread. Before
+each process the script waits (at most ``--max-wait`` s) for the 1-minute load average to drop
+below ``--idle-load`` and records the load it ran at. Accuracy is one pass over ``rt:dev`` at
+128 tokens, the same tokenization for every variant. Writes ``peers.json``
+(``qbert-edge/benchmark-peers`` v1), ``peers.md`` and three PNGs to ``--out``. It does not
+train the fp32 classifier (``python models/minilm-rt/recipe.py`` does) and does not judge the
+figures: the issue-8 target checks in ``peers.md`` are computed from the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_models import (
+    build_bert_base,
+    export_onnx,
+    ort_int8,
+    ort_nbits,
+    quantize_ours,
+    torch_module,
+)
+
+FORMAT = "qbert-edge/benchmark-peers"
+VERSION = 1
+ROOT = Path(__file__).resolve().parent.parent
+BATCHES = (1, 8)
+SEQ_LEN = 128
+
+log = logging.getLogger("benchmarks.peers")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model file: ``kind`` is ``onnx`` or ``torch``; ``engines`` the runtimes it is timed on."""
+
+    key: str
+    label: str
+    family: str  # "peer" or "ours"
+    kind: str
+    engines: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.family not in ("peer", "ours") or self.kind not in ("onnx", "torch"):
+            raise ValueError(f"variant {self.key}: bad family/kind {self.family}/{self.kind}")
+
+
+PEERS = [
+    Variant("ort-fp32", "ORT fp32", "peer", "onnx", ("plain-ort",)),
+    Variant("ort-int8", "ORT quantize_dynamic int8 per-channel", "peer", "onnx", ("plain-ort",)),
+    Variant("ort-4b32", "ORT MatMulNBits 4-bit b32", "peer", "onnx", ("plain-ort",)),
+    Variant("ort-4b32-g", "ORT MatMulNBits 4-bit b32 + GatherBQ", "peer", "onnx", ("plain-ort",)),
+    Variant("ort-4b128", "ORT MatMulNBits 4-bit b128", "peer", "onnx", ("plain-ort",)),
+    Variant("ort-4b128-g", "ORT MatMulNBits 4-bit b128 + GatherBQ", "peer", "onnx", ("plain-ort",)),
+    Variant("torch-fp32", "PyTorch fp32", "peer", "torch", ("torch",)),
+    Variant("torch-int8", "PyTorch dynamic int8", "peer", "torch", ("torch",)),
+]
+#: our variants: key -> (label, bits, high_bits)
+OURS = {
+    "ours-w8": ("ours w8", 8, None),
+    "ours-w4": ("ours w4/128 groups", 4, None),
+    "ours-w3": ("ours w3", 3, None),
+    "ours-mp23": ("ours 2/3 MP", 2, 3),
+    "ours-mp24": ("ours 2/4 MP", 2, 4),
+}
+OUR_ENGINES = ("ort", "ort-custom")
+ALL_VARIANTS = tuple(PEERS + [Variant(k, v[0], "ours", "onnx", OUR_ENGINES) for k, v in OURS.items()])
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build(model: str, workdir: Path, qat_steps: int) -> dict[str, Path]:
+    """Every file of ``model`` (``minilm`` or ``bert-base``), built once in ``workdir``."""
+    import torch
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = "minilm-rt" if model == "minilm" else build_bert_base(workdir)
+    from qbert_edge.loading import load_model
+
+    layers = load_model(str(source)).model.config.num_hidden_layers
+    p = {}
+    p["ort-fp32"] = export_onnx(source, workdir / f"{model}-fp32.onnx")
+    p["ort-int8"] = ort_int8(p["ort-fp32"], workdir / f"{model}-int8pc.onnx", per_channel=True)
+    for block in (32, 128):
+        p[f"ort-4b{block}"] = ort_nbits(p["ort-fp32"], workdir / f"{model}-4b{block}.onnx", block, gather=False)
+        p[f"ort-4b{block}-g"] = ort_nbits(p["ort-fp32"], workdir / f"{model}-4b{block}-g.onnx", block, gather=True)
+    p["torch-fp32"] = torch_module(source, workdir / f"{model}-torch-fp32.pth")
+    p["torch-int8"] = torch_module(source, workdir / f"{model}-torch-int8.pth", dynamic_int8=True)
+    tag = f"-qat{qat_steps}" if qat_steps else ""
+    for key, (_, bits, high) in OURS.items():
+        pt = quantize_ours(source, workdir / f"{model}-{key}{tag}.pt", bits, 128, high_bits=high,
+                           high_layers=range(layers // 2), qat_steps=qat_steps)
+        p[key] = export_onnx(pt, workdir / f"{model}-{key}{tag}.onnx")
+    del torch
+    return p
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def dev_batches(tokenizer) -> list[dict]:
+    """``rt:dev`` as numpy batches of 32 at up to 128 tokens, with ``labels``."""
+    from qbert_edge.data import load_data, torch_batches
+
+    return [{k: v.numpy() for k, v in b.items()} for b in torch_batches(load_data("rt:dev"), tokenizer, 32, SEQ_LEN)]
+
+
+def accuracy(variant: Variant, path: Path, batches: list[dict], threads: int) -> float:
+    """Accuracy of one variant on ``batches`` (ours on the ``ort`` backend, peers as themselves)."""
+    import numpy as np
+    from qbert_edge.runtime.metrics import accuracy as acc
+
+    if variant.kind == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        model = torch.load(path, weights_only=False)  # our own file, written by peer_models.torch_module
+        with torch.inference_mode():
+            logits = [model(**{k: torch.from_numpy(v) for k, v in b.items() if k != "labels"}).logits.numpy()
+                      for b in batches]
+    elif variant.family == "ours":
+        from qbert_edge.runtime.backends import RuntimeOptions
+        from qbert_edge.runtime.session import Session
+
+        with Session(path, backend="ort", options=RuntimeOptions(threads=threads)) as s:
+            logits = [s.run({k: v for k, v in b.items() if k in s.input_names})["logits"] for b in batches]
+    else:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        out = [o.name for o in sess.get_outputs()].index("logits")
+        logits = [sess.run(None, {k: v for k, v in b.items() if k in names})[out] for b in batches]
+    labels = np.concatenate([b["labels"] for b in batches])
+    return acc(labels, np.concatenate(logits).argmax(-1))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def wait_for_idle(threshold: float, max_wait: float) -> float:
+    """Sleep until the 1-minute load average is below ``threshold`` or ``max_wait`` s have passed;
+    return the load average at the end."""
+    deadline = time.time() + max_wait
+    while os.getloadavg()[0] >= threshold and time.time() < deadline:
+        time.sleep(5)
+    return round(os.getloadavg()[0], 2)
+
+
+def torch_child(config: dict) -> dict:
+    """Child side of a PyTorch measurement: RSS before/after loading, latency of ``runs`` runs."""
+    import numpy as np
+    import torch
+    import transformers  # noqa: F401  (the harness's imports count in the baseline)
+    from qbert_edge.runtime.memory import proc_status, random_feeds
+
+    torch.set_num_threads(config["threads"])
+    random_feeds(["input_ids"], {}, 1, 1)
+    gc.collect()
+    base = proc_status()
+    t0 = time.perf_counter()
+    model = torch.load(config["model"], weights_only=False).eval()
+    load_s = time.perf_counter() - t0
+    loaded = proc_status()
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    limits = {"input_ids": model.config.vocab_size}
+    feeds = {k: torch.from_numpy(v) for k, v in random_feeds(names, limits, config["batch"], config["seq_len"]).items()}
+    lat = []
+    with torch.inference_mode():
+        for i in range(config["warmup"] + config["runs"]):
+            t = time.perf_counter()
+            model(**feeds)
+            if i >= config["warmup"]:
+                lat.append((time.perf_counter() - t) * 1e3)
+    after = proc_status()
+    return {"load_s": load_s, "latency_p50": float(np.percentile(lat, 50)),
+            "rss": {"baseline": base["VmRSS"], "after_load": loaded["VmRSS"], "peak": after["VmHWM"],
+                    "model_share": after["VmHWM"] - base["VmRSS"]}}
+
+
+def measure_torch(path: Path, batch: int, runs: int, warmup: int, threads: int) -> dict:
+    """A PyTorch figure in a fresh process, in the units of :func:`qbert_edge.runtime.memory.measure`."""
+    from qbert_edge.runtime.memory import MB
+
+    cfg = {"model": str(path), "batch": batch, "seq_len": SEQ_LEN, "runs": runs, "warmup": warmup, "threads": threads}
+    proc = subprocess.run([sys.executable, __file__, "--torch-child", json.dumps(cfg)], capture_output=True,
+                          text=True, timeout=1800, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{path}: torch child failed: {proc.stderr.strip().splitlines()[-1:]}")
+    child = json.loads(lines[-1])
+    return {"latency_p50": child["latency_p50"], "file_mb": path.stat().st_size / MB,
+            "peak_mb": child["rss"]["peak"] / MB, "share_mb": child["rss"]["model_share"] / MB}
+
+
+def measure_one(variant: Variant, engine: str, path: Path, batch: int, args) -> dict:
+    """One fresh-process figure: p50 latency, file size, peak RSS, model share (MB)."""
+    runs = args.runs if engine != "ort-custom" else max(2, args.runs // 5)
+    if batch > 1:
+        runs = max(2, runs // 2)
+    warmup = 1 if engine == "ort-custom" else args.warmup
+    if engine == "torch":
+        return measure_torch(path, batch, runs, warmup, args.threads)
+    from qbert_edge.runtime.memory import measure
+
+    kw = {"engine": "plain-ort"} if engine == "plain-ort" else {"backend": engine}
+    rep = measure(str(path), batch=batch, seq_len=SEQ_LEN, runs=runs, warmup=warmup, threads=args.threads, **kw)
+    return {"latency_p50": rep["latency_ms"]["p50"], "file_mb": rep["static_mb"]["total"],
+            "peak_mb": rep["rss_mb"]["peak"], "share_mb": rep["rss_mb"]["model_share"]}
+
+
+def spread(values: list[float]) -> dict:
+    """``{"median", "min", "max", "n"}`` of ``values``: ``spread([3, 1, 2]) -> median 2, min 1, max 3``."""
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2), "n": len(values)}
+
+
+def measure_variants(model: str, variants, paths: dict[str, Path], args, acc: dict[str, float], rows: list[dict]) -> None:
+    """Append one row per (variant, engine) of ``model`` to ``rows`` (kept partial on a deadline)."""
+    for v in variants:
+        if v.key not in paths:
+            continue
+        for engine in v.engines:
+            if args.deadline and time.time() > args.deadline:
+                log.warning("deadline reached: %s %s %s not measured", model, v.key, engine)
+                continue
+            row = {"model": model, "key": v.key, "label": v.label, "family": v.family, "engine": engine,
+                   "accuracy": acc.get(v.key), "figures": {}, "loadavg": []}
+            for batch in BATCHES:
+                reps = []
+                for _ in range(1 if engine == "ort-custom" else args.repeats):
+                    row["loadavg"].append(wait_for_idle(args.idle_load, args.max_wait))
+                    reps.append(measure_one(v, engine, paths[v.key], batch, args))
+                row["figures"][f"b{batch}"] = {k: spread([r[k] for r in reps]) for k in reps[0]}
+                log.info("%s %s %s b%d: p50 %.1f ms, share %.1f MB", model, v.key, engine, batch,
+                         row["figures"][f"b{batch}"]["latency_p50"]["median"],
+                         row["figures"][f"b{batch}"]["share_mb"]["median"])
+            rows.append(row)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 8's targets, checked on the MiniLM ``ort``/``plain-ort`` rows at batch 1."""
+    def fig(r, k):
+        return r["figures"]["b1"][k]["median"]
+
+    main_rows = {r["key"]: r for r in rows if r["model"] == "minilm" and r["engine"] in ("ort", "plain-ort", "torch")}
+    int8 = main_rows.get("ort-int8")
+    if int8 is None or int8.get("accuracy") is None:
+        return ["- not checked: no MiniLM ORT int8 row with accuracy in this run"]
+    out = []
+    for key in ("ours-mp23", "ours-mp24"):
+        r = main_rows.get(key)
+        if r is None or r.get("accuracy") is None:
+            out.append(f"- {key}: not measured")
+            continue
+        a, f, s = r["accuracy"] - int8["accuracy"], fig(int8, "file_mb") / fig(r, "file_mb"), fig(int8, "share_mb") / fig(r, "share_mb")
+        ok = a >= 0 and f >= 3 and s >= 2
+        out.append(f"- {r['label']} vs ORT int8: accuracy {a * 100:+.1f} pt, {f:.2f}x smaller file, "
+                   f"{s:.2f}x smaller model share -> {'MET' if ok else 'NOT met'} (needs >= 0 pt, >= 3x, >= 2x)")
+    ours = [r for r in main_rows.values() if r["family"] == "ours" and r.get("accuracy") is not None]
+    for r in main_rows.values():
+        if r["key"].startswith("ort-4b") and r.get("accuracy") is not None:
+            dom = [o["label"] for o in ours if fig(o, "file_mb") < fig(r, "file_mb") and o["accuracy"] >= r["accuracy"]]
+            out.append(f"- {r['label']} ({fig(r, 'file_mb'):.1f} MB, acc {r['accuracy']:.3f}): "
+                       + (f"dominated by {', '.join(dom)}" if dom else "NOT dominated by any of ours"))
+    return out
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats (smaller x and at least as large y):
+    ``pareto([(1, 0.5), (2, 0.9), (3, 0.8)]) -> [0, 1]``."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any((x2 <= x and y2 >= y) and (x2, y2) != (x, y) for x2, y2 in points)]
+
+
+def plot(rows: list[dict], out: Path) -> list[str]:
+    """Accuracy vs file size, accuracy vs model share (Pareto fronts), latency per variant; PNG names."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    written = []
+    acc_rows = [r for r in rows if r["model"] == "minilm" and r.get("accuracy") is not None
+                and r["engine"] in ("ort", "plain-ort", "torch")]
+    for fname, key, xlabel in (("peers_acc_size.png", "file_mb", "file size (MB)"),
+                               ("peers_acc_dram.png", "share_mb", "model share of peak RSS (MB), batch 1x128")):
+        if not acc_rows:
+            break
+        fig, ax = plt.subplots(figsize=(8, 5))
+        pts = [(r["figures"]["b1"][key]["median"], r["accuracy"]) for r in acc_rows]
+        for (x, y), r in zip(pts, acc_rows):
+            ax.scatter(x, y, marker="o" if r["family"] == "ours" else "s",
+                       color="tab:blue" if r["family"] == "ours" else "tab:orange")
+            ax.annotate(r["label"].replace("ORT ", "").replace("MatMulNBits ", ""), (x, y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        front = sorted(pts[i] for i in pareto(pts))
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy on rt:dev")
+        ax.set_title(f"MiniLM classifier: accuracy vs {xlabel.split(' (')[0]} (blue: ours, orange: peers)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110, metadata={"Title": f"{FORMAT} v{VERSION}"})
+        plt.close(fig)
+        written.append(fname)
+    models = sorted({r["model"] for r in rows})
+    if rows:
+        fig, axes = plt.subplots(len(models), 1, figsize=(10, 4 + 0.25 * len(rows)), squeeze=False)
+        for ax, m in zip(axes[:, 0], models):
+            mr = [r for r in rows if r["model"] == m]
+            names = [f"{r['label']} [{r['engine']}]" for r in mr]
+            for j, batch in enumerate(BATCHES):
+                f = [r["figures"][f"b{batch}"]["latency_p50"] for r in mr]
+                med = [x["median"] for x in f]
+                err = [[x["median"] - x["min"] for x in f], [x["max"] - x["median"] for x in f]]
+                ax.barh([i + 0.4 * j for i in range(len(mr))], med, height=0.4, xerr=err, label=f"batch {batch}x{SEQ_LEN}")
+            ax.set_yticks([i + 0.2 for i in range(len(mr))])
+            ax.set_yticklabels(names, fontsize=7)
+            ax.set_xscale("log")
+            ax.set_xlabel("p50 latency (ms), median over repeats, bar = min-max")
+            ax.set_title(f"{m}: latency per variant")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "peers_latency.png", dpi=110, metadata={"Title": f"{FORMAT} v{VERSION}"})
+        plt.close(fig)
+        written.append("peers_latency.png")
+    return written
+
+
+def markdown(rows: list[dict], meta: dict, pngs: list[str], img_dir: str = "") -> str:
+    def cell(f):
+        return f"{f['median']:.1f}" if f["n"] == 1 or f["min"] == f["max"] else f"{f['median']:.1f} ({f['min']:.1f}-{f['max']:.1f})"
+
+    lines = [
+        "# Benchmark against peers: onnxruntime's quantizers and PyTorch" + (" (PARTIAL RUN)" if meta["partial"] else ""),
+        "",
+        f"Command: `{meta['command']}` ({meta['date']}, {meta['seconds']:.0f} s)  ",
+        (f"Machine: {meta['machine']}, {meta['cpus']} CPUs, {meta['threads']} threads per model, {meta['mem_gb']} GB RAM; "
+         f"Python {meta['python']}, onnxruntime {meta['onnxruntime']}, torch {meta['torch']}.  "),
+        (f"Load average (1 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; each figure waited up to "
+         f"{meta['max_wait']} s for load < {meta['idle_load']} and the load it ran at is in the table.  "),
+        (f"Ours: {meta['ours_method']}; 128 groups, 8-bit embeddings and activations; MP = first half of the layers at "
+         "the higher width. Accuracy of ours is on the `ort` backend; PyTorch int8 accuracy in-process."),
+        "",
+        ("Sizes in MB (10^6 bytes). Share = peak RSS (VmHWM) minus RSS after importing the runtime, fresh process. "
+         "Latency = p50 in ms; cells are the median over repeats with (min-max) when they differ."),
+        "",
+    ]
+    for model in sorted({r["model"] for r in rows}, reverse=True):
+        lines += [f"## {model}", "",
+                  "| variant | engine | acc rt:dev | file MB | share MB b1 | peak RSS MB b1 | p50 ms 1x128 | p50 ms 8x128 | load |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["model"] == model):
+            b1, b8 = r["figures"]["b1"], r["figures"]["b8"]
+            acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.3f}"
+            lines.append(f"| {r['label']} | {r['engine']} | {acc} | {b1['file_mb']['median']:.1f} | {cell(b1['share_mb'])} | "
+                         f"{cell(b1['peak_mb'])} | {cell(b1['latency_p50'])} | {cell(b8['latency_p50'])} | "
+                         f"{min(r['loadavg']):.1f}-{max(r['loadavg']):.1f} |")
+        lines.append("")
+    lines += ["## Issue 8 targets (computed from the rows above)", ""] + targets(rows) + [""]
+    lines += [f"![{p}]({img_dir}{p})" for p in pngs]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--torch-child"]:
+        print(json.dumps(torch_child(json.loads(argv[1]))), flush=True)
+        return
+    cache = Path(os.environ.get("QBERT_EDGE_CACHE", Path.home() / ".cache" / "qbert-edge"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=cache / "bench-peers")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers")
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="Also write the table here ('' : no).")
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, 1 repeat, 5 runs, no waiting for idle")
+    parser.add_argument("--skip-bert-base", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--only", nargs="*", help="Only the variants whose key contains one of these.")
+    parser.add_argument("--runs", type=int, default=10, help="Timed runs per process (ort-custom: a fifth).")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="Fresh processes per figure (ort-custom: 1).")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qat-steps", type=int, default=0, help="QAT steps for ours (0: DirectQ).")
+    parser.add_argument("--idle-load", type=float, default=1.5)
+    parser.add_argument("--max-wait", type=float, default=30.0)
+    parser.add_argument("--time-limit", type=float, default=0, help="Stop measuring after this many seconds (partial).")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.skip_bert_base, args.repeats, args.runs, args.max_wait = True, 1, 5, 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = time.time()
+    args.deadline = started + args.time_limit if args.time_limit else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = [v for v in ALL_VARIANTS if not args.only or any(s in v.key for s in args.only)]
+    start_load = round(os.getloadavg()[0], 2)
+    rows: list[dict] = []
+    for model in ("minilm",) + (() if args.skip_bert_base else ("bert-base",)):
+        paths = build(model, args.workdir, args.qat_steps)
+        paths = {k: p for k, p in paths.items() if any(v.key == k for v in variants)}
+        acc = {}
+        if model == "minilm" and not args.skip_accuracy:
+            from qbert_edge.loading import load_model
+
+            batches = dev_batches(load_model("minilm-rt").tokenizer)
+            for v in variants:
+                if v.key in paths:
+                    acc[v.key] = accuracy(v, paths[v.key], batches, args.threads)
+                    log.info("accuracy %s: %.4f", v.key, acc[v.key])
+        measure_variants(model, variants, paths, args, acc, rows)
+    import torch
+    from qbert_edge.runtime.memory import _version
+
+    from qbert_edge.fileio import atomic_path, write_json
+
+    full = sum(len(v.engines) for v in ALL_VARIANTS) * 2
+    meta = {
+        "command": "python benchmarks/peers.py " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "seconds": time.time() - started,
+        "machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
+        "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+        "python": platform.python_version(), "onnxruntime": _version("onnxruntime"), "torch": torch.__version__,
+        "loadavg_start": start_load, "loadavg_end": round(os.getloadavg()[0], 2),
+        "idle_load": args.idle_load, "max_wait": args.max_wait, "repeats": args.repeats, "runs": args.runs,
+        "ours_method": f"QAT {args.qat_steps} steps on rt:train" if args.qat_steps else "DirectQ (64 calibration sentences, no training)",
+        "partial": len(rows) < full, "rows_measured": len(rows), "rows_full_run": full,
+    }
+    pngs = plot(rows, args.out)
+    write_json(args.out / "peers.json", {"format": FORMAT, "version": VERSION, "meta": meta, "rows": rows})
+    text = markdown(rows, meta, pngs)
+    with atomic_path(args.out / "peers.md") as tmp:
+        tmp.write_text(text)
+    if args.doc:
+        doc = Path(args.doc)
+        with atomic_path(doc) as tmp:
+            tmp.write_text(markdown(rows, meta, pngs, os.path.relpath(args.out, doc.parent) + "/"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
