@@ -126,7 +126,7 @@ def native_rewrite(
 
     new_weights: dict[str, np.ndarray] = {}
     nodes = []
-    kept_custom = 0
+    kept_custom = rewritten = 0
     for node in graph.node:
         if node.domain != DOMAIN:
             nodes.append(node)
@@ -183,6 +183,7 @@ def native_rewrite(
             )
         new_weights.update(zip(names, (codes, scale, zero)))
         nodes.append(new)
+        rewritten += 1
 
     del graph.node[:]
     graph.node.extend(nodes)
@@ -198,7 +199,8 @@ def native_rewrite(
     imports = {o.domain: o.version for o in out.opset_import}
     if not kept_custom:
         imports.pop(DOMAIN, None)
-    imports.setdefault(MS_DOMAIN, 1)
+    if rewritten:
+        imports.setdefault(MS_DOMAIN, 1)
     del out.opset_import[:]
     out.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(imports.items(), key=lambda kv: (kv[0] != "", kv[0])))
     return out, result

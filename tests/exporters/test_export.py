@@ -155,6 +155,7 @@ def test_fp32_baseline_uses_plain_matmul(tiny_tokenizer):
     ops = nodes_by_domain(model)
     assert set(ops) == {""} and ops[""].count("MatMul") == 2 * 6 + 2 + 2 * 2  # Linears + attention matmuls
     assert [o.domain for o in model.opset_import] == [""]
+    assert [o.domain for o in export_model(data, target="ort").opset_import] == [""]  # nothing to rewrite
     assert model_info(model).plan is None
     report = validate_export(model, data)
     assert report.ok and report.checks[0].max_abs_diff < 1e-5, report.summary()
