@@ -275,12 +275,31 @@ def measure(config: MeasureConfig | str, **kwargs) -> dict:
         },
         "host": {
             "machine": platform.machine(),
+            "emulated": emulated(),
             "cpus": os.cpu_count(),
             "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "python": platform.python_version(),
             "onnxruntime": _version("onnxruntime"),
         },
     }
+
+
+def emulated() -> str | None:
+    """The emulated CPU when this process runs under qemu user mode, else None.
+
+    ``tools/arm`` sets ``QBERT_EDGE_EMULATED=<cpu>``; otherwise an aarch64 process whose
+    ``/proc/cpuinfo`` shows an x86 ``vendor_id`` and no ``CPU implementer`` is emulated.
+    Under emulation, every RSS figure includes the emulator itself.
+    """
+    if os.environ.get("QBERT_EDGE_EMULATED"):
+        return os.environ["QBERT_EDGE_EMULATED"]
+    if platform.machine() not in ("aarch64", "arm64"):
+        return None
+    try:
+        cpuinfo = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    return "qemu" if "vendor_id" in cpuinfo and "CPU implementer" not in cpuinfo else None
 
 
 def _version(module: str) -> str | None:

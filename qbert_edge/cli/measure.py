@@ -6,7 +6,7 @@ import json
 
 import click
 
-from qbert_edge.cli.run import runtime_options
+from qbert_edge.cli.run import accuracy_level_option, runtime_options
 
 
 def format_report(r: dict) -> str:
@@ -27,6 +27,9 @@ def format_report(r: dict) -> str:
         f"  model share   {mb(rss['model_share'])} of peak RSS (peak - baseline)",
         f"  latency       p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f} ms  (load {r['load_s']:.2f} s)",
     ]
+    emulated = r.get("host", {}).get("emulated")
+    if emulated:
+        lines.append(f"  note          emulated CPU ({emulated}): every RSS figure includes the emulator itself")
     return "\n".join(lines)
 
 
@@ -41,8 +44,7 @@ def format_report(r: dict) -> str:
 @click.option("--prepacking/--no-prepacking", default=None, help="Let kernels keep re-laid-out weight copies. [default: on]")
 @click.option("--optimization", type=click.Choice(["disabled", "basic", "extended", "all"]), default=None,
               help="onnxruntime graph optimization level. [default: all]")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
-              help="MatMulNBits compute type for backend ort: 0 exact fp32, 4 int8 (faster, not bit-exact). [default: as exported]")
+@accuracy_level_option
 @click.option("--plain-ort", is_flag=True, help="Measure onnxruntime.InferenceSession(MODEL) with its defaults instead (a baseline).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (qbert-edge/measure v1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")

@@ -26,12 +26,19 @@ def runtime_options(func):
     return func
 
 
-def open_session(model: str, backend: str, threads: int | None, **kwargs):
+accuracy_level_option = click.option(
+    "--accuracy-level", type=click.IntRange(0, 4), default=None,
+    help="MatMulNBits compute type for backend ort: 0 exact fp32, 4 int8 (faster where the CPU has "
+         "dot-product instructions, e.g. a Pi 5; not bit-exact). [default: as exported]")
+
+
+def open_session(model: str, backend: str, threads: int | None, accuracy_level: int | None = None, **kwargs):
     """A :class:`~qbert_edge.runtime.session.Session`; QbertEdgeErrors pass through as one line."""
     from qbert_edge.runtime.backends import RuntimeOptions
     from qbert_edge.runtime.session import Session
 
-    return Session(model, backend=backend, options=RuntimeOptions(threads=threads), **kwargs)
+    options = RuntimeOptions(threads=threads, accuracy_level=accuracy_level)
+    return Session(model, backend=backend, options=options, **kwargs)
 
 
 def read_texts(texts: tuple[str, ...], file: str | None) -> list[str]:
@@ -60,9 +67,10 @@ def read_texts(texts: tuple[str, ...], file: str | None) -> list[str]:
 @click.option("--text", "texts", multiple=True, help="A text to classify (repeat for more).")
 @click.option("--file", "file", type=click.Path(dir_okay=False), help="A UTF-8 file with one text per line.")
 @runtime_options
+@accuracy_level_option
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (qbert-edge/predictions v1).")
-def command(model, texts, file, backend, threads, batch_size, as_json) -> None:
+def command(model, texts, file, backend, threads, accuracy_level, batch_size, as_json) -> None:
     """Classify texts with MODEL (an exported model.onnx).
 
     \b
@@ -71,7 +79,7 @@ def command(model, texts, file, backend, threads, batch_size, as_json) -> None:
       qbert-edge run model.onnx --file reviews.txt --backend ort-custom --json
     """
     items = read_texts(texts, file)
-    with open_session(model, backend, threads) as session:
+    with open_session(model, backend, threads, accuracy_level) as session:
         preds = session.predict(items, batch_size=batch_size)
         used = session.backend
     if as_json:
