@@ -34,7 +34,8 @@ def test_wheel_holds_only_the_qbert_edge_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"qbert_edge"}
-    assert "qbert_edge/runtime/packing.py" in names and "qbert_edge/exporters/__init__.py" in names
+    for module in ("runtime/packing.py", "exporters/__init__.py", "cli/__init__.py", "runtime/ops/QMatMul.md"):
+        assert f"qbert_edge/{module}" in names
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
