@@ -52,6 +52,8 @@ from peer_models import (
     torch_module,
 )
 
+from qbert_edge.errors import QbertEdgeError
+
 FORMAT = "qbert-edge/benchmark-peers"
 VERSION = 1
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +97,8 @@ OURS = {
     "ours-mp24": ("ours 2/4 MP", 2, 4),
 }
 OUR_ENGINES = ("ort", "ort-custom")
+#: measured first, so that a run cut short by ``--time-limit`` still checks the targets
+PRIORITY = ("ort-int8", "ours-mp23", "ours-mp24", "ort-4b32", "ort-4b128", "ort-4b32-g", "ort-4b128-g", "ort-fp32")
 ALL_VARIANTS = tuple(PEERS + [Variant(k, v[0], "ours", "onnx", OUR_ENGINES) for k, v in OURS.items()])
 
 
@@ -167,6 +171,19 @@ def accuracy(variant: Variant, path: Path, batches: list[dict], threads: int) ->
         logits = [sess.run(None, {k: v for k, v in b.items() if k in names})[out] for b in batches]
     labels = np.concatenate([b["labels"] for b in batches])
     return acc(labels, np.concatenate(logits).argmax(-1))
+
+
+def cached_accuracy(variant: Variant, path: Path, batches: list[dict], threads: int, cache: Path) -> float:
+    """:func:`accuracy`, remembered in ``cache`` per file (name, size and mtime) across runs."""
+    from qbert_edge.fileio import write_json
+
+    data = json.loads(cache.read_text()) if cache.is_file() else {"format": FORMAT + "-accuracy", "version": 1, "files": {}}
+    stat = path.stat()
+    stamp = f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"
+    if stamp not in data["files"]:
+        data["files"][stamp] = accuracy(variant, path, batches, threads)
+        write_json(cache, data)
+    return data["files"][stamp]
 
 
 # --------------------------------------------------------------------------- measuring
@@ -250,25 +267,32 @@ def spread(values: list[float]) -> dict:
 
 
 def measure_variants(model: str, variants, paths: dict[str, Path], args, acc: dict[str, float], rows: list[dict]) -> None:
-    """Append one row per (variant, engine) of ``model`` to ``rows`` (kept partial on a deadline)."""
-    for v in variants:
-        if v.key not in paths:
+    """Append one row per (variant, engine) of ``model`` to ``rows`` (kept partial on a deadline).
+
+    The rows the issue's targets need come first (:data:`PRIORITY`), ``ort-custom`` last."""
+    pairs = [(v, e) for v in variants if v.key in paths for e in v.engines]
+    pairs.sort(key=lambda p: (p[1] == "ort-custom", PRIORITY.index(p[0].key) if p[0].key in PRIORITY else len(PRIORITY)))
+    for v, engine in pairs:
+        if args.deadline and time.time() > args.deadline:
+            log.warning("deadline reached: %s %s %s not measured", model, v.key, engine)
             continue
-        for engine in v.engines:
-            if args.deadline and time.time() > args.deadline:
-                log.warning("deadline reached: %s %s %s not measured", model, v.key, engine)
-                continue
-            row = {"model": model, "key": v.key, "label": v.label, "family": v.family, "engine": engine,
-                   "accuracy": acc.get(v.key), "figures": {}, "loadavg": []}
-            for batch in BATCHES:
-                reps = []
-                for _ in range(1 if engine == "ort-custom" else args.repeats):
-                    row["loadavg"].append(wait_for_idle(args.idle_load, args.max_wait))
+        row = {"model": model, "key": v.key, "label": v.label, "family": v.family, "engine": engine,
+               "accuracy": acc.get(v.key), "figures": {}, "loadavg": []}
+        for batch in BATCHES:
+            reps = []
+            for _ in range(1 if engine == "ort-custom" else args.repeats):
+                row["loadavg"].append(wait_for_idle(args.idle_load, args.max_wait))
+                try:
                     reps.append(measure_one(v, engine, paths[v.key], batch, args))
-                row["figures"][f"b{batch}"] = {k: spread([r[k] for r in reps]) for k in reps[0]}
-                log.info("%s %s %s b%d: p50 %.1f ms, share %.1f MB", model, v.key, engine, batch,
-                         row["figures"][f"b{batch}"]["latency_p50"]["median"],
-                         row["figures"][f"b{batch}"]["share_mb"]["median"])
+                except (QbertEdgeError, RuntimeError, OSError, subprocess.SubprocessError) as exc:  # keep the others
+                    log.error("%s %s %s b%d failed: %s", model, v.key, engine, batch, exc)
+            if not reps:
+                break
+            row["figures"][f"b{batch}"] = {k: spread([r[k] for r in reps]) for k in reps[0]}
+            log.info("%s %s %s b%d: p50 %.1f ms, share %.1f MB", model, v.key, engine, batch,
+                     row["figures"][f"b{batch}"]["latency_p50"]["median"],
+                     row["figures"][f"b{batch}"]["share_mb"]["median"])
+        if len(row["figures"]) == len(BATCHES):
             rows.append(row)
 
 
@@ -389,7 +413,8 @@ def markdown(rows: list[dict], meta: dict, pngs: list[str], img_dir: str = "") -
         lines += [f"## {model}", "",
                   "| variant | engine | acc rt:dev | file MB | share MB b1 | peak RSS MB b1 | p50 ms 1x128 | p50 ms 8x128 | load |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["model"] == model):
+        order = [v.key for v in ALL_VARIANTS]
+        for r in sorted((r for r in rows if r["model"] == model), key=lambda r: (order.index(r["key"]), r["engine"])):
             b1, b8 = r["figures"]["b1"], r["figures"]["b8"]
             acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.3f}"
             lines.append(f"| {r['label']} | {r['engine']} | {acc} | {b1['file_mb']['median']:.1f} | {cell(b1['share_mb'])} | "
@@ -443,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
             batches = dev_batches(load_model("minilm-rt").tokenizer)
             for v in variants:
                 if v.key in paths:
-                    acc[v.key] = accuracy(v, paths[v.key], batches, args.threads)
+                    acc[v.key] = cached_accuracy(v, paths[v.key], batches, args.threads, args.workdir / "accuracy.json")
                     log.info("accuracy %s: %.4f", v.key, acc[v.key])
         measure_variants(model, variants, paths, args, acc, rows)
     import torch
