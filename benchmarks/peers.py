@@ -390,6 +390,42 @@ def plot(rows: list[dict], out: Path) -> list[str]:
     return written
 
 
+NOTES = [
+    "## Reading the figures",
+    "",
+    "- Latency on a shared, loaded CPU is comparable only within one run; the `load` column is the 1-minute",
+    "  load average before each process (min-max over the repeats).",
+    "- `ort` is our portable file rewritten in memory to onnxruntime's own `MatMulNBits`/`GatherBlockQuantized`",
+    "  kernels; 3-bit weights are widened to 4 bits at load (onnxruntime 1.32 refuses 3), so a 2/3 MP or w3",
+    "  model holds more bytes in DRAM than its file and runs at 4-bit kernel speed. Our activations are",
+    "  fake-quantized to 8 bits in the graph (QuantizeLinear/DequantizeLinear pairs), work the peers' weight-only",
+    "  and dynamic-int8 graphs do not do.",
+    "- `ort-custom` runs our QMatMul/QGather as onnxruntime-extensions Python ops (NumPy kernels): DRAM at or below `ort`,",
+    "  about 20x slower than onnxruntime's C++ kernels; it is timed once per batch with few runs.",
+    "- `reference` (onnx.reference) is for correctness only and is not timed here.",
+    "- PyTorch share includes the unpickled module; PyTorch int8 is `quantize_dynamic` on `nn.Linear` only",
+    "  (embeddings stay fp32), while ORT's `quantize_dynamic` also quantizes the `Gather` (embedding) tables.",
+    "- MiniLM's word embedding (30522 x 384) is about half of its weights: at 8 bits it alone is 11.7 MB, which",
+    "  bounds how much smaller than an int8 file any of our variants with 8-bit embeddings can be.",
+    "",
+]
+
+
+def reproduce_note(path: Path) -> list[str]:
+    """QAT accuracies of our variants from the reproduction run, if any, clearly labelled as such."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    qat = [r for r in data.get("rows", []) if r.get("method") == "qat"]
+    if not qat:
+        return []
+    lines = ["## QAT accuracy of our variants (from benchmarks/results/reproduce.json, not measured by this script)",
+             "", (f"`{data.get('command')}` (max_length {data.get('settings', {}).get('max_length')}, "
+                  "PyTorch fake-quantized model, not the exported file):"), ""]
+    lines += [f"- {r['label']}: accuracy {r['accuracy']:.3f} ({r.get('qat_steps')} QAT steps)" for r in qat]
+    return lines + [""]
+
+
 def markdown(rows: list[dict], meta: dict, pngs: list[str], img_dir: str = "") -> str:
     def cell(f):
         return f"{f['median']:.1f}" if f["n"] == 1 or f["min"] == f["max"] else f"{f['median']:.1f} ({f['min']:.1f}-{f['max']:.1f})"
@@ -422,6 +458,8 @@ def markdown(rows: list[dict], meta: dict, pngs: list[str], img_dir: str = "") -
                          f"{min(r['loadavg']):.1f}-{max(r['loadavg']):.1f} |")
         lines.append("")
     lines += ["## Issue 8 targets (computed from the rows above)", ""] + targets(rows) + [""]
+    lines += reproduce_note(ROOT / "benchmarks" / "results" / "reproduce.json")
+    lines += NOTES
     lines += [f"![{p}]({img_dir}{p})" for p in pngs]
     return "\n".join(lines) + "\n"
 
@@ -436,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=cache / "bench-peers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="Also write the table here ('' : no).")
+    parser.add_argument("--report-only", action="store_true", help="Redraw the table and plots from --out/peers.json.")
     parser.add_argument("--quick", action="store_true", help="MiniLM only, 1 repeat, 5 runs, no waiting for idle")
     parser.add_argument("--skip-bert-base", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
@@ -449,6 +488,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-wait", type=float, default=30.0)
     parser.add_argument("--time-limit", type=float, default=0, help="Stop measuring after this many seconds (partial).")
     args = parser.parse_args(argv)
+    if args.report_only:
+        data = json.loads((args.out / "peers.json").read_text())
+        write_report(data["rows"], data["meta"], args)
+        return
     if args.quick:
         args.skip_bert_base, args.repeats, args.runs, args.max_wait = True, 1, 5, 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -474,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from qbert_edge.runtime.memory import _version
 
-    from qbert_edge.fileio import atomic_path, write_json
+    from qbert_edge.fileio import write_json
 
     full = sum(len(v.engines) for v in ALL_VARIANTS) * 2
     meta = {
@@ -488,8 +531,15 @@ def main(argv: list[str] | None = None) -> None:
         "ours_method": f"QAT {args.qat_steps} steps on rt:train" if args.qat_steps else "DirectQ (64 calibration sentences, no training)",
         "partial": len(rows) < full, "rows_measured": len(rows), "rows_full_run": full,
     }
-    pngs = plot(rows, args.out)
     write_json(args.out / "peers.json", {"format": FORMAT, "version": VERSION, "meta": meta, "rows": rows})
+    write_report(rows, meta, args)
+
+
+def write_report(rows: list[dict], meta: dict, args) -> None:
+    """PNGs, ``peers.md`` in ``args.out`` and the same table in ``args.doc``."""
+    from qbert_edge.fileio import atomic_path
+
+    pngs = plot(rows, args.out)
     text = markdown(rows, meta, pngs)
     with atomic_path(args.out / "peers.md") as tmp:
         tmp.write_text(text)
