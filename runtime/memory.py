@@ -284,6 +284,17 @@ def measure(config: MeasureConfig | str, **kwargs) -> dict:
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (or what ``platform`` knows)."""
+    try:
+        for line in open("/proc/cpuinfo").read().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def emulated() -> str | None:
     """The emulated CPU when this process runs under qemu user mode, else None.
 

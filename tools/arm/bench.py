@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qbert_edge.runtime.memory import cpu_name  # noqa: E402
+
 import build_env as armenv  # tools/arm is a folder of scripts, not a package
 import check as armcheck
 
@@ -140,16 +142,6 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _host_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "format": FORMAT, "version": VERSION, "command": command,
         "date": _dt.date.today().isoformat(), "seconds": round(time.monotonic() - t0),
-        "host": {"cpu": _host_cpu(), "cores": os.cpu_count(), "loadavg_1m": os.getloadavg()[0]},
+        "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_1m": os.getloadavg()[0]},
         "qemu_version": qemu_version, "onnxruntime": onnxruntime.__version__,
         "model": model_info, "seq_len": ns.seq_len, "runs": ns.runs, "threads": ns.threads,
         "rows": rows, "paths": paths,
