@@ -115,8 +115,9 @@ def ensure_reference() -> None:
         subprocess.run([sys.executable, str(ROOT / "models" / "minilm-rt" / "recipe.py")], check=True)
 
 
-def build(model: str, workdir: Path, qat_steps: int) -> dict[str, Path]:
-    """Every file of ``model`` (``minilm`` or ``bert-base``), built once in ``workdir``."""
+def build(model: str, workdir: Path, qat_steps: int, keys: set[str]) -> dict[str, Path]:
+    """The files of ``model`` (``minilm`` or ``bert-base``) for the variants ``keys`` (ORT fp32
+    always: the other ONNX peers are made from it), built once in ``workdir``."""
     import torch
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +137,8 @@ def build(model: str, workdir: Path, qat_steps: int) -> dict[str, Path]:
     p["torch-int8"] = torch_module(source, workdir / f"{model}-torch-int8.pth", dynamic_int8=True)
     tag = f"-qat{qat_steps}" if qat_steps else ""
     for key, (_, bits, high) in OURS.items():
+        if key not in keys:
+            continue
         pt = quantize_ours(source, workdir / f"{model}-{key}{tag}.pt", bits, 128, high_bits=high,
                            high_layers=range(layers // 2), qat_steps=qat_steps)
         p[key] = export_onnx(pt, workdir / f"{model}-{key}{tag}.onnx")
@@ -514,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     start_load = round(os.getloadavg()[0], 2)
     rows: list[dict] = []
     for model in ("minilm",) + (() if args.skip_bert_base else ("bert-base",)):
-        paths = build(model, args.workdir, args.qat_steps)
+        paths = build(model, args.workdir, args.qat_steps, {v.key for v in variants})
         paths = {k: p for k, p in paths.items() if any(v.key == k for v in variants)}
         acc = {}
         if model == "minilm" and not args.skip_accuracy:
