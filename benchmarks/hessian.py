@@ -274,7 +274,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--no-warm-start", dest="warm_start", action="store_false")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--landscape", type=int, default=None)
+    p.add_argument("--landscape", default=None, help="a layer number or top")
     p.add_argument("--sensitivity", type=Path, default=None, help="where the analysis writes sensitivity.json")
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--skip-analysis", action="store_true")
