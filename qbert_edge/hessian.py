@@ -25,7 +25,8 @@ most negative curvature beats the most positive one (the model is not at a minim
 :func:`analyze` runs this on K data subsets and returns a :class:`~qbert_edge.sensitivity.Sensitivity`;
 :func:`top_eigenvectors` (deflation) and :func:`loss_landscape` give the loss surface along
 a layer's top two eigenvectors. The model runs in eval mode (dropout off) with eager attention
-(PyTorch's fused SDPA kernels have no double backward on CPU); both are restored afterwards.
+(PyTorch's fused SDPA kernels have no double backward on CPU) and a GELU whose second
+derivative is cheap (:mod:`qbert_edge.gelu`); all are restored afterwards.
 
 This module neither reads nor writes files (:mod:`qbert_edge.sensitivity` does) and draws
 nothing (:mod:`qbert_edge.plots` does).
@@ -108,7 +109,10 @@ def layer_weights(model: torch.nn.Module, layers: Sequence[int] | None = None) -
 
 @contextlib.contextmanager
 def hessian_mode(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
-    """Eval mode, eager attention, gradients only for ``params``; everything restored on exit."""
+    """Eval mode, eager attention, cheap-second-derivative GELU (:mod:`qbert_edge.gelu`),
+    gradients only for ``params``; everything restored on exit."""
+    from qbert_edge.gelu import swapped_gelu
+
     flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
     impl = getattr(model.config, "_attn_implementation", None)
@@ -120,7 +124,7 @@ def hessian_mode(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), swapped_gelu(model):
             yield
     finally:
         for p, flag in flags:
