@@ -67,24 +67,35 @@ def build_models(workdir: Path) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- measuring
 
-#: (row label, model key, measure kwargs); ``plain-ort`` rows are onnxruntime with its defaults.
-FIGURES = [
-    ("ORT fp32", "fp32", {"engine": "plain-ort"}),
-    ("ORT fp32 + transformers optimizer", "fp32+opt", {"engine": "plain-ort"}),
-    ("ORT dynamic int8 (quantize_dynamic)", "int8", {"engine": "plain-ort"}),
-    ("ORT MatMulNBits 4-bit b32 + GatherBlockQuantized", "nbits4", {"engine": "plain-ort"}),
-    ("ours 2/3 MP, backend ort", "ours", {"backend": "ort"}),
-    ("ours 2/3 MP, backend ort, accuracy_level 4", "ours", {"backend": "ort", "accuracy_level": 4}),
-    ("ours 2/3 MP, backend ort-custom", "ours", {"backend": "ort-custom"}),
-    ("ours 2/3 MP, backend reference (correctness only)", "ours", {"backend": "reference"}),
-]
+def _figures() -> list[tuple[str, str, dict]]:
+    """(row label, model key, measure kwargs); ``plain-ort`` rows are onnxruntime with its defaults.
+
+    ``ours`` on ``ort`` runs at the backend's default ``accuracy_level``, then at the other of
+    0/4, then at level 4 with 2-bit layers widened to 4 bits (what the backend did before its
+    2-bit rule, :func:`qbert_edge.runtime.native.keeps_2bit`).
+    """
+    from qbert_edge.runtime.native import DEFAULT_ACCURACY_LEVEL as level
+
+    other = 0 if level == 4 else 4
+    return [
+        ("ORT fp32", "fp32", {"engine": "plain-ort"}),
+        ("ORT fp32 + transformers optimizer", "fp32+opt", {"engine": "plain-ort"}),
+        ("ORT dynamic int8 (quantize_dynamic)", "int8", {"engine": "plain-ort"}),
+        ("ORT MatMulNBits 4-bit b32 + GatherBlockQuantized", "nbits4", {"engine": "plain-ort"}),
+        (f"ours 2/3 MP, backend ort (default: accuracy_level {level})", "ours", {"backend": "ort"}),
+        (f"ours 2/3 MP, backend ort, accuracy_level {other}", "ours", {"backend": "ort", "accuracy_level": other}),
+        ("ours 2/3 MP, backend ort, accuracy_level 4, 2-bit widened to 4", "ours",
+         {"backend": "ort", "accuracy_level": 4, "widen_2bit": True}),
+        ("ours 2/3 MP, backend ort-custom", "ours", {"backend": "ort-custom"}),
+        ("ours 2/3 MP, backend reference (correctness only)", "ours", {"backend": "reference"}),
+    ]
 
 
 def measure_all(paths: dict[str, Path], args) -> list[dict]:
     from qbert_edge.runtime.memory import measure
 
     rows = []
-    for label, key, kwargs in FIGURES:
+    for label, key, kwargs in _figures():
         if args.only and not any(s in label for s in args.only):
             continue
         runs = args.runs
@@ -120,6 +131,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             "model_share_mb": rep["rss_mb"]["model_share"],
             "activations_mb": rep["activations_mb"],
             "loadavg": r["loadavg_before"],
+            "native_4bit_mb": rep.get("native_4bit_mb", 0.0),
+            "accuracy_level": rep["options"].get("accuracy_level") if isinstance(rep.get("options"), dict) else None,
         }
         if ref is not None:
             base = ref["report"]
@@ -150,10 +163,80 @@ def markdown(summary: list[dict], meta: dict) -> str:
             f"{r['model_share_mb']:.0f} | {r.get('file_ratio', float('nan')):.2f} | {r.get('latency_ratio', float('nan')):.2f} | "
             f"{r.get('share_ratio', float('nan')):.2f} | {r['loadavg']} |"
         )
-    ours = next((r for r in summary if r["variant"].startswith("ours") and "ort," in r["variant"] + ","), None)
+    ours = next((r for r in summary if r["variant"].startswith("ours") and "backend ort" in r["variant"]
+                 and "ort-custom" not in r["variant"]), None)
     if ours:
         lines += ["", f"Issue target for ours: model share <= 1.5 x file + activations = "
                       f"{1.5 * ours['file_mb'] + ours['activations_mb']:.1f} MB."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- accuracy level
+
+
+def agreement(model: Path, data: str, levels: tuple[int, ...], reference: int, threads: int, batch_size: int = 32) -> dict:
+    """Accuracy of ``model`` on ``data`` with the ``ort`` backend at each ``accuracy_level``, and label agreement.
+
+    Every level's labels are compared with the first level's (exact when it is 0) and, on the
+    first ``reference`` sentences, with the ``reference`` backend's (``onnx.reference``, slow).
+    """
+    import numpy as np
+
+    from qbert_edge.data import load_data
+    from qbert_edge.runtime.backends import RuntimeOptions
+    from qbert_edge.runtime.metrics import score_logits
+    from qbert_edge.runtime.session import Session
+
+    runs: dict[str, dict] = {}
+    logits: dict[str, np.ndarray] = {}
+    dataset = None
+    for level in levels:
+        with Session(str(model), backend="ort", options=RuntimeOptions(accuracy_level=level, threads=threads)) as s:
+            dataset = dataset or load_data(data, labels=s.labels)
+            started = time.perf_counter()
+            logits[f"ort-{level}"] = s.logits(dataset.texts, dataset.text_pairs, batch_size=batch_size)
+            seconds = time.perf_counter() - started
+        metrics = score_logits(dataset.label_ids, logits[f"ort-{level}"]).to_dict()
+        runs[f"ort-{level}"] = {"backend": "ort", "accuracy_level": level, "seconds": round(seconds, 1),
+                                "loadavg": round(os.getloadavg()[0], 2), "metrics": metrics}
+        log.info("ort accuracy_level %d: %s in %.0f s", level, metrics, seconds)
+    if reference:
+        with Session(str(model), backend="reference") as s:
+            logits["reference"] = s.logits(dataset.texts[:reference], None if dataset.text_pairs is None
+                                           else dataset.text_pairs[:reference], batch_size=batch_size)
+    base = f"ort-{levels[0]}"
+    for name, run in runs.items():
+        diff = np.abs(logits[name] - logits[base])
+        run[f"same_labels_as_{base}"] = round(float((logits[name].argmax(1) == logits[base].argmax(1)).mean()), 4)
+        run[f"max_logit_diff_vs_{base}"] = round(float(diff.max()), 4)
+        run[f"median_logit_diff_vs_{base}"] = round(float(np.median(diff.max(1))), 5)
+        if "reference" in logits:
+            ref = logits["reference"]
+            run["same_labels_as_reference"] = round(float((logits[name][: len(ref)].argmax(1) == ref.argmax(1)).mean()), 4)
+            run["reference_sentences"] = len(ref)
+    return {"model": str(model), "data": data, "sentences": len(dataset.texts), "levels": list(levels), "runs": runs}
+
+
+def agreement_markdown(result: dict, meta: dict) -> str:
+    base = f"ort-{result['levels'][0]}"
+    lines = [
+        f"# `ort` backend: accuracy_level on the reference classifier ({result['data']}, {result['sentences']} sentences)",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Model: `{result['model']}`; {meta['machine']}, {meta['threads']} threads, onnxruntime {meta['onnxruntime']}; {meta['date']}.",
+        "",
+        f"| accuracy_level | accuracy | macro-F1 | labels = level {result['levels'][0]} | labels = reference (first n) | "
+        f"max / median max logit diff vs level {result['levels'][0]} | seconds | load avg |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in result["runs"].values():
+        m = run["metrics"]
+        ref = (f"{run['same_labels_as_reference']:.2%} (n={run['reference_sentences']})"
+               if "same_labels_as_reference" in run else "-")
+        lines.append(
+            f"| {run['accuracy_level']} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {run[f'same_labels_as_{base}']:.2%} | {ref} | "
+            f"{run[f'max_logit_diff_vs_{base}']:.4f} / {run[f'median_logit_diff_vs_{base}']:.5f} | {run['seconds']} | {run['loadavg']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -166,8 +249,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--only", nargs="*", help="Measure only the rows whose label contains one of these.")
+    parser.add_argument("--agreement", type=Path, metavar="MODEL_ONNX",
+                        help="Instead of the table: accuracy and label agreement of MODEL_ONNX on --data at "
+                             "--levels (writes accuracy_level.json/.md).")
+    parser.add_argument("--data", default="rt:dev")
+    parser.add_argument("--levels", type=int, nargs="+", default=[0, 4])
+    parser.add_argument("--reference", type=int, default=0, help="Also label the first N sentences with the reference backend.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.agreement:
+        from qbert_edge.fileio import write_json
+        from qbert_edge.runtime.memory import _version
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = agreement(args.agreement, args.data, tuple(args.levels), args.reference, args.threads)
+        meta = {"command": "python benchmarks/runtime.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "machine": platform.machine(), "threads": args.threads, "onnxruntime": _version("onnxruntime"),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        write_json(args.out / "accuracy_level.json", {"format": FORMAT + "-accuracy-level", "version": VERSION,
+                                                      "meta": meta, **result})
+        text = agreement_markdown(result, meta)
+        (args.out / "accuracy_level.md.tmp").write_text(text)
+        os.replace(args.out / "accuracy_level.md.tmp", args.out / "accuracy_level.md")
+        print(text)
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     paths = build_models(args.workdir)

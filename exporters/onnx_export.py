@@ -129,9 +129,11 @@ def export_model(
     model.model_version = 1
     model.doc_string = "qbert-edge BERT export (format qbert-edge/onnx v1)"
     if target == "ort":
-        from qbert_edge.runtime.native import to_native
+        from qbert_edge.runtime.native import DEFAULT_ACCURACY_LEVEL, to_native
 
-        model = to_native(model)
+        # the runtime's rule: 2-bit matmuls stay 2-bit only where onnxruntime has a native kernel
+        # for them at the written accuracy_level (runtime/native.py, keeps_2bit)
+        model = to_native(model, accuracy_level=DEFAULT_ACCURACY_LEVEL, widen_2bit=None)
     info = ModelInfo(
         architecture=w.architecture,
         target=target,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbert_edge.errors import QbertEdgeError
+from qbert_edge.runtime.native import DEFAULT_ACCURACY_LEVEL, keeps_2bit
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,13 @@ class RuntimeOptions:
     re-laid-out copy of constant weights (``MatMulNBits`` without it dequantizes B on every call:
     3-4x slower, and more DRAM during the run; an fp32 ``MatMul`` with it keeps a packed fp32 copy). ``optimization``:
     graph optimization level. ``mem_pattern``: plan activation buffers per input shape.
-    ``accuracy_level``: ``MatMulNBits``' compute type (None: as exported; 0/1: fp32, exact;
-    4: int8 activations per block, faster with prepacking, not bit-exact). ``widen_2bit``: run
-    2-bit ``MatMulNBits`` as 4-bit (exact; onnxruntime 1.32 has no fast 2-bit CPU kernel: 3x
-    slower per matmul, measured; costs 0.25 byte per 2-bit weight). ``return_memory``: on glibc,
+    ``accuracy_level``: ``MatMulNBits``' compute type (default
+    :data:`~qbert_edge.runtime.native.DEFAULT_ACCURACY_LEVEL`; None: as exported; 0/1: fp32, exact;
+    4: int8 activations per block, faster, not bit-exact). ``widen_2bit``: run a 2-bit
+    ``MatMulNBits`` as 4-bit (exact; +0.25 byte per weight). None (default): where onnxruntime has
+    no native 2-bit kernel for it (:func:`~qbert_edge.runtime.native.keeps_2bit`: at every level
+    but 4, and for blocks above 128), where it dequantizes the 2-bit weight to fp32 on every call;
+    True: always; False: never. ``return_memory``: on glibc,
     serve allocations >= 128 KiB with mmap so freed activations go back to the OS at once
     (``mallopt(M_MMAP_THRESHOLD)``, process-wide; lowers the peak RSS, costs page faults).
     """
@@ -90,8 +94,8 @@ class RuntimeOptions:
     prepacking: bool = True
     optimization: str = "all"
     mem_pattern: bool = True
-    accuracy_level: int | None = None
-    widen_2bit: bool = True
+    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL
+    widen_2bit: bool | None = None
     return_memory: bool = True
 
     def __post_init__(self) -> None:
@@ -99,6 +103,8 @@ class RuntimeOptions:
             raise QbertEdgeError(f"threads must be a positive integer, got {self.threads!r}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise QbertEdgeError(f"accuracy_level must be 0..4, got {self.accuracy_level!r}")
+        if self.widen_2bit not in (None, True, False):
+            raise QbertEdgeError(f"widen_2bit must be None, True or False, got {self.widen_2bit!r}")
         if self.optimization not in OPTIMIZATION_LEVELS:
             raise QbertEdgeError(
                 f"unknown optimization level {self.optimization!r} (use {', '.join(OPTIMIZATION_LEVELS)})"
@@ -365,20 +371,19 @@ def create(backend: str, graph, options: RuntimeOptions | None = None) -> Backen
             log.info("%s has no %s ops; ort-custom runs it as plain onnxruntime", name, OP_DOMAIN)
         return OrtCustomBackend(model, weights, options, graph)
     if backend == "ort":
+        before = weights
         if has_ops:
             from qbert_edge.runtime import native
 
-            before = weights
-            model, weights = native.native_rewrite(model, weights, strict=False)
-        else:  # a --target ort export (or any ONNX model) runs as it is, but for the settings below
-            before = weights
-        if options.widen_2bit:
-            weights = widen_2bit(model, weights)
+            model, weights = native.native_rewrite(model, weights, strict=False, accuracy_level=options.accuracy_level,
+                                                   widen_2bit=options.widen_2bit)
+        # a --target ort export (or any ONNX model) runs as it is, but for the settings below
+        if options.accuracy_level is not None:
+            set_accuracy_level(model, options.accuracy_level)
+        weights = widen_2bit(model, weights, rule=options.widen_2bit)
         kept = {id(a) for a in weights.values()} | {id(a.base) for a in weights.values() if a.base is not None}
         graph.forget([a for a in before.values() if id(a) not in kept and id(a.base) not in kept])
         release_free_memory()
-        if options.accuracy_level is not None:
-            set_accuracy_level(model, options.accuracy_level)
         if has_ops and check_ops(model, name):  # shapes MatMulNBits cannot hold keep our op (logged by native)
             return OrtCustomBackend(model, weights, options, graph)
         return OrtBackend(model, weights, options, graph)
@@ -422,8 +427,11 @@ def release_free_memory() -> None:
         pass
 
 
-def widen_2bit(model, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rewrite every 2-bit ``MatMulNBits`` of ``model`` (in place) to 4 bits; returns the new weights.
+def widen_2bit(model, weights: dict[str, np.ndarray], rule: bool | None = True) -> dict[str, np.ndarray]:
+    """Rewrite 2-bit ``MatMulNBits`` of ``model`` (in place) to 4 bits; returns the new weights.
+
+    ``rule`` True: every one; False: none; None: those onnxruntime has no native 2-bit kernel
+    for, by their own ``accuracy_level`` and ``block_size`` (:func:`native.keeps_2bit`).
 
     Exact: a 2-bit code and zero point are the same numbers in 4 bits. ``B`` is
     ``[N, blocks, block/4]`` bytes of 2-bit codes, low bits first; the 4-bit blob is
@@ -437,7 +445,9 @@ def widen_2bit(model, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("bits") != 2 or node.input[1] not in out:
+        if attrs.get("bits") != 2 or node.input[1] not in out or rule is False:
+            continue
+        if rule is None and keeps_2bit(attrs.get("accuracy_level", 0), int(attrs["block_size"])):
             continue
         n, k, block = int(attrs["N"]), int(attrs["K"]), int(attrs["block_size"])
         blocks = k // block

@@ -22,8 +22,11 @@ of a process that only imported the runtime (:mod:`qbert_edge.runtime.memory`)::
    same batch and length, same machine: 14-16 MB on x86-64 with onnxruntime 1.32. It must stay
    below :data:`MAX_RUNTIME_MB`. It dominates for a 16 MB MiniLM, not for a 50 MB BERT-base.
 5. What each backend holds by design (:func:`backend_extra_mb`):
-   ``ort``: onnxruntime has no 3-bit kernel and no fast 2-bit one, so every 2- and 3-bit matrix is
-   held at 4 bits (widened, prepacked): N*K/2 bytes each (``native_4bit_mb`` of the report);
+   ``ort``: onnxruntime has no 3-bit kernel, so every 3-bit matrix is held at 4 bits (widened,
+   prepacked): N*K/2 bytes each; a 2-bit matrix is held at 4 bits too where onnxruntime has no
+   native 2-bit kernel for it (any ``accuracy_level`` but 4, or a block above 128: the rule of
+   ``native.keeps_2bit``), and otherwise stays 2-bit and costs nothing here. ``native_4bit_mb`` of
+   the report is that sum for the options measured (``memory.native_4bit_bytes``);
    ``ort-custom``: the NumPy kernel's workspace for one tile of :data:`kernels.TILE_ELEMENTS`
    values: fp32 tile (4 B), 64-bit unpacking words and their masked copy (8 + 8 B), codes (1 B)
    and their fp32 conversion (4 B) per value: :data:`TILE_BYTES_PER_VALUE`.

@@ -137,22 +137,32 @@ def static_bytes(graph) -> dict[str, int]:
     return out
 
 
-def native_4bit_bytes(graph) -> int:
-    """Bytes of the 4-bit form of every packed weight narrower than 4 bits (2- and 3-bit codes).
+def native_4bit_bytes(graph, accuracy_level: int | None = None, widen_2bit: bool | None = None) -> int:
+    """Bytes of the 4-bit copies the ``ort`` backend makes of narrower weights: N*K/2 bytes each.
 
-    onnxruntime's kernels have no 3-bit form and no fast 2-bit one, so the ``ort`` backend holds
-    these weights at 4 bits (widened, then prepacked) next to the file: N*K/2 bytes each.
+    onnxruntime has no 3-bit kernel, so every 3-bit weight is widened to 4 bits. A 2-bit matmul
+    is widened where onnxruntime has no native 2-bit kernel for it, by the rule the backend
+    applies (:func:`qbert_edge.runtime.native.matmul_layout` / ``keeps_2bit``) with
+    ``accuracy_level`` (None: as exported) and ``widen_2bit`` (None: the rule). 2-bit gathers stay
+    2-bit. ``accuracy_level``/``widen_2bit`` are :class:`RuntimeOptions` fields.
     """
     from onnx import helper
 
+    from qbert_edge.runtime.native import keeps_2bit, matmul_layout
+
     total = 0
     for node in graph.model.graph.node:
-        if node.domain != "qbert_edge":
-            continue
         a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        if int(a.get("bits", 8)) < 4:
-            rows, cols = (a["N"], a["K"]) if node.op_type == "QMatMul" else (a["rows"], a["cols"])
-            total += int(rows) * int(cols) // 2
+        bits = int(a.get("bits", 8))
+        if node.domain == "qbert_edge" and node.op_type == "QMatMul" and bits < 4:
+            if matmul_layout(bits, int(a["K"]), accuracy_level, widen_2bit)[0] == 4:
+                total += int(a["N"]) * int(a["K"]) // 2
+        elif node.domain == "qbert_edge" and node.op_type == "QGather" and bits == 3:
+            total += int(a["rows"]) * int(a["cols"]) // 2
+        elif node.op_type == "MatMulNBits" and bits == 2 and widen_2bit is not False:
+            level = accuracy_level if accuracy_level is not None else int(a.get("accuracy_level", 0))
+            if widen_2bit or not keeps_2bit(level, int(a["block_size"])):
+                total += int(a["N"]) * int(a["K"]) // 2
     return total
 
 
@@ -240,11 +250,11 @@ def measure(config: MeasureConfig | str, **kwargs) -> dict:
         config = MeasureConfig(model=str(config), **kwargs)
     backend = backends.resolve(config.backend) if config.engine == "qbert-edge" else "onnxruntime"
     config = MeasureConfig(**{**asdict(config), "backend": backend})
-    config.options()  # validate before starting a process
     graph = load_graph(config.model)
     static = static_bytes(graph)
     dims = model_dims(graph)
-    native_4bit = native_4bit_bytes(graph)
+    options = config.options()
+    native_4bit = native_4bit_bytes(graph, options.accuracy_level, options.widen_2bit) if backend == "ort" else 0
     del graph
     child = _run_child(config)
     rss = child["rss"]

@@ -1,5 +1,8 @@
 """Rewrite a portable graph to onnxruntime's own low-bit kernels (pure onnx + NumPy, no torch).
 
+onnx is imported where a graph is rewritten: importing this module (its rule, :func:`keeps_2bit`)
+costs nothing.
+
 ``qbert_edge::QMatMul`` becomes ``com.microsoft::MatMulNBits`` and ``qbert_edge::QGather``
 becomes ``com.microsoft::GatherBlockQuantized``, with the same numbers:
 
@@ -7,6 +10,13 @@ becomes ``com.microsoft::GatherBlockQuantized``, with the same numbers:
   creation). Widths 3, 5, 6, 7 are *widened* (3 -> 4, 5..7 -> 8): every code and zero point still
   fits, so the result is exactly the same; only the bytes grow. docs/export.md has the measurement
   behind widening rather than keeping the custom op.
+- 2-bit matmuls follow one rule, :func:`keeps_2bit`, shared by the exporter (``--target ort``) and
+  the runtime's ``ort`` backend: onnxruntime 1.32 has a native 2-bit kernel only for int8 compute
+  (``accuracy_level`` 4) and blocks of 32/64/128; anywhere else it dequantizes the 2-bit weight to
+  fp32 on every call (3-4x slower than the same weight at 4 bits), so the weight is widened to 4
+  bits (exact, +0.25 byte per weight). Measured at BERT-base shapes (M = 128, 2 threads,
+  benchmarks/results/matmulnbits/): the native 2-bit kernel takes 1.0-1.4x the 4-bit one's time
+  at blocks 64 and 128 (kept), 1.5-2.2x at block 32 (widened: it does not pay).
 - Our groups are blocks of output rows; MatMulNBits' blocks run along K inside one row. A row's
   group scale and zero point are repeated over its ``K / block_size`` blocks, which expresses our
   quantization exactly. ``block_size`` is the largest power of two >= 16 dividing K, at most
@@ -25,15 +35,16 @@ Shapes that cannot be expressed (K or the embedding width not a multiple of 16) 
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
 from qbert_edge.errors import QbertEdgeError
 from qbert_edge.runtime.kernels import DOMAIN, LAYOUT, OP_VERSION
 from qbert_edge.runtime.packing import pack, unpack
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +52,53 @@ MS_DOMAIN = "com.microsoft"
 NATIVE_BITS = (2, 4, 8)
 MIN_BLOCK = 16
 MAX_BLOCK = 256
+#: ``accuracy_level`` at which onnxruntime computes a ``MatMulNBits`` with int8 activations; the
+#: only one with a native 2-bit CPU kernel (0/1: fp32, exact, 2-bit dequantized per call).
+INT8_LEVEL = 4
+#: Blocks at which onnxruntime's native 2-bit kernel (MLAS ``SQ2BitGemm_CompInt8``) is within
+#: 1.4x of its 4-bit one (measured; it also takes 32, at 1.5-2.2x: widened there).
+FAST_2BIT_BLOCKS = (64, 128)
+#: The ``ort`` backend's and the ``--target ort`` exporter's ``accuracy_level``
+#: (docs/runtime.md has the measurement behind it; ``--accuracy-level 0`` is exact).
+DEFAULT_ACCURACY_LEVEL = 0
 
 
 def native_bits(bits: int) -> int:
     """The onnxruntime width that holds ``bits`` exactly: ``native_bits(3) -> 4``, ``native_bits(6) -> 8``."""
     return next(b for b in NATIVE_BITS if b >= bits)
+
+
+def keeps_2bit(accuracy_level: int | None, block_size: int) -> bool:
+    """Does a 2-bit ``MatMulNBits`` stay at 2 bits? Only where onnxruntime has a native kernel for it.
+
+    >>> keeps_2bit(4, 128), keeps_2bit(4, 256), keeps_2bit(4, 32), keeps_2bit(0, 128)
+    (True, False, False, False)
+    """
+    return accuracy_level == INT8_LEVEL and block_size in FAST_2BIT_BLOCKS
+
+
+def matmul_layout(bits: int, k: int, accuracy_level: int | None, widen_2bit: bool | None,
+                  max_block: int = MAX_BLOCK) -> tuple[int, int | None]:
+    """``(bits, block_size)`` of the ``MatMulNBits`` that holds a ``bits``-bit ``[N, K]`` weight.
+
+    3 -> 4 and 5..7 -> 8 always. 2 bits: ``widen_2bit`` True widens, False keeps, None follows
+    :func:`keeps_2bit`; a kept 2-bit weight at the int8 level gets a block its native kernel
+    takes (at most 128). ``block_size`` is None when K is not a multiple of 16.
+
+    >>> matmul_layout(2, 768, 4, None), matmul_layout(2, 768, 0, None), matmul_layout(3, 768, 4, None)
+    ((2, 128), (4, 256), (4, 256))
+    """
+    new_bits = native_bits(bits)
+    if bits != 2:
+        return new_bits, block_size_for(k, max_block)
+    fast = block_size_for(k, min(max_block, max(FAST_2BIT_BLOCKS)))
+    if widen_2bit is None:
+        keep = fast is not None and keeps_2bit(accuracy_level, fast)
+    else:
+        keep = not widen_2bit
+    if not keep:
+        return 4, block_size_for(k, max_block)
+    return 2, fast if accuracy_level == INT8_LEVEL else block_size_for(k, max_block)
 
 
 def block_size_for(k: int, max_block: int = MAX_BLOCK) -> int | None:
@@ -91,6 +144,8 @@ def _codes(packed: np.ndarray, bits: int, rows: int, cols: int, new_bits: int) -
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
+    from onnx import helper
+
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -101,6 +156,8 @@ def native_rewrite(
     strict: bool = True,
     max_block: int = MAX_BLOCK,
     widen: bool = True,
+    accuracy_level: int | None = None,
+    widen_2bit: bool | None = False,
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Rewrite every ``QMatMul``/``QGather`` of ``model``; returns ``(new model, new weights)``.
 
@@ -109,8 +166,13 @@ def native_rewrite(
     every other initializer the new graph uses (the new ``MatMulNBits``/``GatherBlockQuantized``
     inputs, and the untouched entries of ``weights``). ``model`` itself is not modified.
     ``widen=False`` keeps the custom op for widths onnxruntime lacks (3, 5, 6, 7) instead of
-    widening them.
+    widening them. ``accuracy_level`` (None: not set) is written on every new ``MatMulNBits``;
+    ``widen_2bit`` decides 2-bit matmuls as in :func:`matmul_layout` (False: kept, as exported
+    before; None: the rule of :func:`keeps_2bit`). 2-bit gathers are always kept.
     """
+    import onnx
+    from onnx import helper, numpy_helper
+
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -137,18 +199,18 @@ def native_rewrite(
         if layout != LAYOUT or a.get("version") != OP_VERSION:
             raise QbertEdgeError(f"model.onnx: {node.name}: unknown {node.op_type} layout {layout!r} / version {a.get('version')}")
         bits = int(a["bits"])
-        new_bits = native_bits(bits)
         if node.op_type == "QMatMul":
             rows, cols, what = int(a["N"]), int(a["K"]), "K"
+            new_bits, block = matmul_layout(bits, cols, accuracy_level, widen_2bit, max_block)
         elif node.op_type == "QGather":
             rows, cols, what = int(a["rows"]), int(a["cols"]), "the embedding width"
+            new_bits, block = native_bits(bits), block_size_for(cols, max_block)
         else:
             raise QbertEdgeError(f"model.onnx: unknown {DOMAIN} op {node.op_type!r}")
-        if new_bits != bits and not widen:
+        if native_bits(bits) != bits and not widen:
             nodes.append(node)
             kept_custom += 1
             continue
-        block = block_size_for(cols, max_block)
         if block is None:
             msg = f"{node.name}: {what}={cols} is not a multiple of {MIN_BLOCK}; onnxruntime's low-bit ops cannot hold it"
             if strict:
@@ -168,9 +230,10 @@ def native_rewrite(
             codes = _codes(array(w), bits, rows, cols, new_bits).reshape(rows, blocks, block * new_bits // 8)
             scale, zero = _blocks(array(s), array(z), rows, groups, blocks, new_bits)
             names = (f"{base}.nbits_B", f"{base}.nbits_scales", f"{base}.nbits_zero_points")
+            extra = {} if accuracy_level is None else {"accuracy_level": int(accuracy_level)}
             new = helper.make_node(
                 "MatMulNBits", [x, *names, "", bias] if bias else [x, *names], list(node.output),
-                name=node.name, domain=MS_DOMAIN, K=cols, N=rows, bits=new_bits, block_size=block,
+                name=node.name, domain=MS_DOMAIN, K=cols, N=rows, bits=new_bits, block_size=block, **extra,
             )
         else:
             w, s, z, ids = node.input[:4]
@@ -206,6 +269,8 @@ def native_rewrite(
     return out, result
 
 
-def to_native(model: onnx.ModelProto, *, strict: bool = True, max_block: int = MAX_BLOCK, widen: bool = True) -> onnx.ModelProto:
+def to_native(model: onnx.ModelProto, *, strict: bool = True, max_block: int = MAX_BLOCK, widen: bool = True,
+              accuracy_level: int | None = None, widen_2bit: bool | None = False) -> onnx.ModelProto:
     """:func:`native_rewrite` of a self-contained model (all initializers inside)."""
-    return native_rewrite(model, None, strict=strict, max_block=max_block, widen=widen)[0]
+    return native_rewrite(model, None, strict=strict, max_block=max_block, widen=widen,
+                          accuracy_level=accuracy_level, widen_2bit=widen_2bit)[0]

@@ -26,10 +26,16 @@ def runtime_options(func):
     return func
 
 
-accuracy_level_option = click.option(
-    "--accuracy-level", type=click.IntRange(0, 4), default=None,
-    help="MatMulNBits compute type for backend ort: 0 exact fp32, 4 int8 (faster where the CPU has "
-         "dot-product instructions, e.g. a Pi 5; not bit-exact). [default: as exported]")
+def _accuracy_level_help() -> str:
+    from qbert_edge.runtime.native import DEFAULT_ACCURACY_LEVEL
+
+    return ("MatMulNBits compute type for backend ort: 0 exact fp32 (2-bit layers run widened to 4 bits), "
+            "4 int8 activations per block (faster; 2-bit layers run on onnxruntime's 2-bit kernel; not "
+            f"bit-exact, see docs/runtime.md). [default: {DEFAULT_ACCURACY_LEVEL}]")
+
+
+accuracy_level_option = click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+                                     help=_accuracy_level_help())
 
 
 def open_session(model: str, backend: str, threads: int | None, accuracy_level: int | None = None, **kwargs):
@@ -37,7 +43,8 @@ def open_session(model: str, backend: str, threads: int | None, accuracy_level: 
     from qbert_edge.runtime.backends import RuntimeOptions
     from qbert_edge.runtime.session import Session
 
-    options = RuntimeOptions(threads=threads, accuracy_level=accuracy_level)
+    level = {} if accuracy_level is None else {"accuracy_level": accuracy_level}  # None: the runtime's default
+    options = RuntimeOptions(threads=threads, **level)
     return Session(model, backend=backend, options=options, **kwargs)
 
 
