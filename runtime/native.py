@@ -13,7 +13,7 @@ becomes ``com.microsoft::GatherBlockQuantized``, with the same numbers:
 - 2-bit matmuls follow one rule, :func:`keeps_2bit`, shared by the exporter (``--target ort``) and
   the runtime's ``ort`` backend: onnxruntime 1.32 has a native 2-bit kernel only for int8 compute
   (``accuracy_level`` 4) and blocks of 32/64/128; anywhere else it dequantizes the 2-bit weight to
-  fp32 on every call (3-4x slower than the same weight at 4 bits), so the weight is widened to 4
+  fp32 on every call (2.8-3.9x slower than the same weight at 4 bits), so the weight is widened to 4
   bits (exact, +0.25 byte per weight). Measured at BERT-base shapes (M = 128, 2 threads,
   benchmarks/results/matmulnbits/): the native 2-bit kernel takes 1.0-1.4x the 4-bit one's time
   at blocks 64 and 128 (kept), 1.5-2.2x at block 32 (widened: it does not pay).
