@@ -62,17 +62,19 @@ def models(tmp_path_factory):
     return {"minilm": out / "minilm.onnx", "tiny": out / "tiny.onnx"}
 
 
-@pytest.mark.parametrize("backend", ["ort", "ort-custom", "reference"])
-def test_model_share_of_dram_within_budget(models, backend):
+@pytest.mark.parametrize("backend,accuracy_level", [("ort", None), ("ort", 4), ("ort-custom", None), ("reference", None)])
+def test_model_share_of_dram_within_budget(models, backend, accuracy_level):
+    """``ort`` at its default level (2-bit layers widened: held at 4 bits) and at level 4 (kept at 2 bits)."""
     runs = 1 if backend == "reference" else 5
-    report = measure(str(models["minilm"]), backend=backend, batch=1, seq_len=128, runs=runs, warmup=1)
+    level = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
+    report = measure(str(models["minilm"]), backend=backend, batch=1, seq_len=128, runs=runs, warmup=1, **level)
     assert report["rss_mb"]["model_share"] is not None, "RSS is measurable on the CI platform (Linux)"
     assert 10 < report["static_mb"]["total"] < 20  # a 2/3 MP MiniLM is ~16 MB: the export is what we think
     if backend not in budget.GATED_BACKENDS:
         print(f"{backend}: model share {report['rss_mb']['model_share']:.1f} MB (not gated)")
         return
     # same shape of run on the tiny BERT: the same kernels and workspaces, negligible weights
-    runtime = measure(str(models["tiny"]), backend=backend, batch=1, seq_len=128, runs=runs, warmup=1)
+    runtime = measure(str(models["tiny"]), backend=backend, batch=1, seq_len=128, runs=runs, warmup=1, **level)
     runtime_mb = runtime["rss_mb"]["model_share"]
     ok, summary = budget.check(report, runtime_mb)
     print(summary, json.dumps(report["rss_mb"]))  # shown with -s, and in the failure message
