@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 log = logging.getLogger("benchmarks.peer_models")
@@ -123,32 +124,43 @@ def torch_module(source: str | Path, out: Path, dynamic_int8: bool = False) -> P
     return out
 
 
-def quantize_ours(source: str | Path, out: Path, bits: int, groups: int = 128,
-                  high_bits: int | None = None, high_layers: range = range(0), qat_steps: int = 0) -> Path:
-    """qbert-edge at ``bits`` (layers ``high_layers`` at ``high_bits``), ``groups`` groups, 8-bit
-    embeddings and activations; DirectQ calibrated on 64 Rotten Tomatoes sentences, or QAT for
-    ``qat_steps`` steps on ``rt:train`` when ``qat_steps`` > 0. Writes a ``model.pt``."""
+def plan_digest(plan, qat_steps: int = 0, lr: float = 0.0) -> str:
+    """8 hex digits naming a plan's numbers (bits, groups, symmetric of every module; activation
+    bits) and the method (``qat_steps``, ``lr``): a cached file is reused only for the same ones."""
+    import hashlib
+    import json
+
+    numbers = {name: [q.bits, q.groups, q.symmetric] for name, q in plan.modules.items()}
+    text = json.dumps([numbers, plan.activation_bits, qat_steps, lr if qat_steps else 0.0], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: float = 5e-5) -> Path:
+    """qbert-edge with ``plan`` (a :class:`qbert_edge.plan.Plan`, checked against the model):
+    DirectQ calibrated on 64 Rotten Tomatoes sentences, or QAT for ``qat_steps`` steps of batch 32
+    at ``lr`` on ``rt:train`` (max length 64, as ``benchmarks/reproduce.py``) when ``qat_steps`` > 0.
+    Writes a ``model.pt``."""
     tmp = _fresh(out)
     if tmp is not None:
         from qbert_edge.checkpoint import save_quantized
         from qbert_edge.data import load_data, subsets, torch_batches
         from qbert_edge.loading import load_model
-        from qbert_edge.plan import uniform_plan
         from qbert_edge.qmodel import quantizable_shapes
         from qbert_edge.quantize import direct_quantize, qat_quantize
 
         loaded = load_model(str(source))
-        layer_bits = {i: high_bits for i in high_layers} if high_bits else None
-        meta = {"scheme": f"{bits}/{high_bits} MP" if high_bits else f"w{bits}", "high_layers": list(high_layers)}
-        plan = uniform_plan(quantizable_shapes(loaded.model), bits, groups, layer_bits=layer_bits, meta=meta)
+        plan.check_model(quantizable_shapes(loaded.model))
         train = load_data("rt:train")
+        scheme = plan.meta.get("scheme", "?")
+        t0 = time.perf_counter()
         if qat_steps > 0:
-            log.info("QAT %s, %d steps -> %s", meta["scheme"], qat_steps, out.name)
-            result = qat_quantize(loaded, plan, train, max_steps=qat_steps, progress=False)
+            log.info("QAT %s, %d steps at lr %g -> %s", scheme, qat_steps, lr, out.name)
+            result = qat_quantize(loaded, plan, train, max_steps=qat_steps, lr=lr, progress=False)
         else:
-            log.info("DirectQ %s -> %s", meta["scheme"], out.name)
+            log.info("DirectQ %s -> %s", scheme, out.name)
             calib = subsets(train, 1, 64 / len(train), 0)[0]
             result = direct_quantize(loaded, plan, torch_batches(calib, loaded.tokenizer, 32, 128))
+        log.info("%s built in %.0f s", out.name, time.perf_counter() - t0)
         save_quantized(result, tmp)
         os.replace(tmp, out)
     return out

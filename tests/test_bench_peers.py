@@ -1,4 +1,5 @@
-"""benchmarks/peers.py: the pure parts (Pareto front, spread, target checks); no model is built."""
+"""benchmarks/peers.py: the pure parts (plans of ours, Pareto front, spread, target checks, slower-by);
+no model is built."""
 
 import importlib.util
 import sys
@@ -18,10 +19,80 @@ def peers():
     return module
 
 
-def _row(peers, key, family, acc, file_mb, share_mb, engine="ort"):
-    fig = {k: peers.spread([v]) for k, v in (("file_mb", file_mb), ("share_mb", share_mb), ("latency_p50", 1.0), ("peak_mb", 1.0))}
+def _row(peers, key, family, acc, file_mb, share_mb, engine="ort", p50=1.0):
+    fig = {k: peers.spread([v]) for k, v in (("file_mb", file_mb), ("share_mb", share_mb), ("latency_p50", p50), ("peak_mb", 1.0))}
     return {"model": "minilm", "key": key, "label": key, "family": family, "engine": engine, "accuracy": acc,
             "figures": {"b1": fig, "b8": fig}, "loadavg": [0.5]}
+
+
+def _shapes(layers: int, hidden: int = 32, vocab: int = 100) -> dict:
+    from qbert_edge.plan import EMBEDDINGS, LAYER_LINEARS
+
+    shapes = {EMBEDDINGS["word"]: (vocab, hidden), EMBEDDINGS["position"]: (64, hidden), EMBEDDINGS["token_type"]: (2, hidden),
+              "pooler.dense": (hidden, hidden), "classifier": (2, hidden)}
+    for i in range(layers):
+        for name in LAYER_LINEARS:
+            shape = {"intermediate.dense": (4 * hidden, hidden), "output.dense": (hidden, 4 * hidden)}.get(name, (hidden, hidden))
+            shapes[f"encoder.layer.{i}.{name}"] = shape
+    return shapes
+
+
+def _sensitivity(omegas: list[float], shapes: dict):
+    from qbert_edge.sensitivity import LayerSensitivity, Sensitivity
+
+    layers = [LayerSensitivity(i, (w, w), (True, True), (3, 3)) for i, w in enumerate(omegas)]
+    return Sensitivity(model="tiny", data="rt:train", num_layers=len(omegas), layers=layers, shapes=shapes)
+
+
+def _layer_bits(plan) -> dict:
+    return {int(n.split(".")[2]): q.bits for n, q in plan.modules.items() if n.startswith("encoder.layer.")}
+
+
+def test_mp_plan_follows_the_hessian_ranking(peers):
+    shapes = _shapes(4)
+    sens = _sensitivity([1.0, 9.0, 2.0, 5.0], shapes)  # ranking 1, 3, 2, 0: not the first layers
+    plan, note = peers.ours_plan(peers.OURS["ours-mp24"], shapes, 4, sens, high_layers=2)
+    assert _layer_bits(plan) == {0: 2, 1: 4, 2: 2, 3: 4}
+    assert "L1,3" in note and "Hessian" in note
+    assert plan.modules["embeddings.word_embeddings"].bits == 8
+
+
+def test_mp_plan_without_hessian_is_the_first_half(peers):
+    shapes = _shapes(4)
+    plan, note = peers.ours_plan(peers.OURS["ours-mp23"], shapes, 4, None)
+    assert _layer_bits(plan) == {0: 3, 1: 3, 2: 2, 3: 2}
+    assert "first half" in note
+
+
+def test_low_bit_word_embedding_variants(peers):
+    shapes = _shapes(4)
+    sens = _sensitivity([1.0, 9.0, 2.0, 5.0], shapes)
+    plan, note = peers.ours_plan(peers.OURS["ours-mp23-e2"], shapes, 4, sens, high_layers=1)
+    assert plan.modules["embeddings.word_embeddings"].bits == 2
+    assert plan.modules["embeddings.position_embeddings"].bits == 8
+    assert _layer_bits(plan) == {0: 2, 1: 3, 2: 2, 3: 2}
+    assert "2-bit word" in note
+    uniform, _ = peers.ours_plan(peers.OURS["ours-w4"], shapes, 4, sens)
+    assert set(_layer_bits(uniform).values()) == {4}
+
+
+def test_mp_plan_refuses_a_sensitivity_of_another_model(peers):
+    from qbert_edge.errors import QbertEdgeError
+
+    sens = _sensitivity([1.0, 2.0], _shapes(2, hidden=64))
+    with pytest.raises(QbertEdgeError, match="different model"):
+        peers.ours_plan(peers.OURS["ours-mp23"], _shapes(2), 2, sens)
+
+
+def test_plan_digest_names_plan_and_method(peers):
+    from peer_models import plan_digest
+
+    shapes = _shapes(2)
+    sens = _sensitivity([1.0, 2.0], shapes)
+    a, _ = peers.ours_plan(peers.OURS["ours-mp23"], shapes, 2, sens, high_layers=1)
+    b, _ = peers.ours_plan(peers.OURS["ours-mp23"], shapes, 2, None)  # 3-bit L0 instead of L1
+    assert plan_digest(a) == plan_digest(a, 0, 1e-3)  # lr means nothing without QAT
+    assert len({plan_digest(a), plan_digest(b), plan_digest(a, 80, 5e-5), plan_digest(a, 80, 2e-5)}) == 4
 
 
 def test_pareto_and_spread(peers):
@@ -36,14 +107,33 @@ def test_targets_met_and_not_met(peers):
         _row(peers, "ort-4b32", "peer", 0.79, 20.0, 30.0, "plain-ort"),
         _row(peers, "ours-mp23", "ours", 0.81, 9.0, 19.0),  # 3.33x file, 2.1x share, +1 pt: met
         _row(peers, "ours-mp24", "ours", 0.78, 9.0, 19.0),  # less accurate: not met
+        _row(peers, "ours-mp24-e2", "ours", 0.78, 11.0, 19.0),  # 2.7x file, less accurate: not met
     ]
     lines = peers.targets(rows)
     assert "MET" in lines[0] and "NOT" not in lines[0]
-    assert "NOT met" in lines[1]
-    assert "dominated by ours-mp23" in lines[2]
+    assert "NOT met (accuracy)" in lines[1]
+    assert lines[2] == "- ours-mp23-e2: not measured"
+    assert "NOT met (accuracy, file)" in lines[3]
+    assert lines[4] == "- size/DRAM/accuracy target: MET by ours-mp23"
+    assert "dominated by ours-mp23" in lines[5]
     rows[2]["accuracy"] = 0.70
-    assert "NOT dominated" in peers.targets(rows)[2]
+    lines = peers.targets(rows)
+    assert lines[4] == "- size/DRAM/accuracy target: NOT met by any MP variant of ours"
+    assert "NOT dominated" in lines[5]
 
 
 def test_targets_without_int8(peers):
     assert peers.targets([]) == ["- not checked: no MiniLM ORT int8 row with accuracy in this run"]
+
+
+def test_speed_lines_say_by_how_much_and_why(peers):
+    rows = [_row(peers, "ort-int8", "peer", 0.8, 30.0, 40.0, "plain-ort", p50=40.0),
+            _row(peers, "ours-mp23", "ours", 0.8, 9.0, 19.0, "ort", p50=100.0),
+            _row(peers, "ours-w8", "ours", 0.8, 9.0, 19.0, "ort", p50=20.0),
+            _row(peers, "ours-w4", "ours", 0.8, 9.0, 19.0, "ort-custom", p50=4000.0)]
+    lines = peers.speed_lines(rows)
+    mp23 = next(line for line in lines if line.startswith("| ours-mp23 "))
+    assert "| 2.5x slower | 2.5x slower |" in mp23 and "3-bit codes widened to 4" in mp23 and "MatMulNBits 4-bit" in mp23
+    w8 = next(line for line in lines if line.startswith("| ours-w8 "))
+    assert "2.0x faster" in w8 and "widened" not in w8 and "MatMulNBits 8-bit" in w8
+    assert "100.0x slower" in next(line for line in lines if line.startswith("| ours-w4 "))
