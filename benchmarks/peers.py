@@ -579,6 +579,8 @@ def markdown(rows: list[dict], meta: dict, pngs: list[str], img_dir: str = "") -
          f"Python {meta['python']}, onnxruntime {meta['onnxruntime']}, torch {meta['torch']}.  "),
         (f"Load average (1 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; each figure waited up to "
          f"{meta['max_wait']} s for load < {meta['idle_load']} and the load it ran at is in the table.  "),
+        (f"Code: commit {meta['git']['commit']}" + (f" with uncommitted changes to {', '.join(meta['git']['modified'])}"
+                                                    if meta["git"].get("modified") else "") + ".  ") if meta.get("git") else "",
         ("Time per phase (s): " + "; ".join(f"{m}: build {t['build_s']}, accuracy {t['accuracy_s']}, measure {t['measure_s']}"
                                            for m, t in meta["phases_s"].items()) + ".  ") if meta.get("phases_s") else "",
         ("Ours: " + "; ".join(f"{m}: {how}" for m, how in _methods(meta).items()) + ". 128 groups per matrix; "
@@ -702,10 +704,22 @@ def main(argv: list[str] | None = None) -> None:
             "bert-base": "DirectQ (64 calibration sentences; random weights, sizes and speed only)"},
         "sensitivity": str(SENSITIVITY.relative_to(ROOT)), "high_layers": args.high_layers,
         "ranking": json.loads(SENSITIVITY.read_text())["ranking"], "plans": notes, "phases_s": phases,
+        "git": git_state(),
         "partial": len(rows) < full, "rows_measured": len(rows), "rows_full_run": full,
     }
     write_json(args.out / "peers.json", {"format": FORMAT, "version": VERSION, "meta": meta, "rows": rows})
     write_report(rows, meta, args)
+
+
+def git_state() -> dict:
+    """The commit measured and the files of the working tree that differ from it (code under test)."""
+    def git(*a):
+        proc = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False)
+        return proc.stdout.rstrip() if proc.returncode == 0 else None
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": (git("rev-parse", "--short", "HEAD") or "").strip() or None,
+            "modified": None if dirty is None else [line[3:] for line in dirty.splitlines()]}
 
 
 def write_report(rows: list[dict], meta: dict, args) -> None:
