@@ -14,7 +14,10 @@ reference     ``onnx.reference.ReferenceEvaluator`` with the NumPy op classes of
 
 :func:`create` builds one from a :class:`~qbert_edge.runtime.loader.LoadedGraph`. Weights are
 not copied into onnxruntime: each is declared as external data at its offset in the model file,
-which onnxruntime maps itself (see :class:`OrtBackend`). The onnxruntime settings that
+which onnxruntime maps itself (see :class:`OrtBackend`); arrays the ``ort`` backend makes while
+loading (widened codes) are written one at a time to a temporary file beside the model
+(:class:`~qbert_edge.runtime.loader.Spill`) and declared the same way, so they are never all in
+memory at once. The onnxruntime settings that
 change memory are in :class:`RuntimeOptions`; docs/runtime.md has the measurements behind the
 defaults. This module does not tokenize and does not read metadata (see ``session``).
 """
@@ -87,6 +90,11 @@ class RuntimeOptions:
     True: always; False: never. ``return_memory``: on glibc,
     serve allocations >= 128 KiB with mmap so freed activations go back to the OS at once
     (``mallopt(M_MMAP_THRESHOLD)``, process-wide; lowers the peak RSS, costs page faults).
+    ``spill``: ``ort`` writes the arrays it makes while loading (widened codes, repeated scales)
+    to a temporary file beside the model, one matrix at a time, and onnxruntime reads them as
+    external data and frees each after prepacking it (off: they are handed over from memory and
+    all of them are alive while onnxruntime prepacks; the load-time peak is higher by about
+    their size). Skipped, with the same result, where the folder is read-only or in RAM.
     """
 
     threads: int | None = None
@@ -97,6 +105,7 @@ class RuntimeOptions:
     accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL
     widen_2bit: bool | None = None
     return_memory: bool = True
+    spill: bool = True
 
     def __post_init__(self) -> None:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -240,16 +249,20 @@ def _graph_io(model, initializers: set[str]) -> tuple[list[str], list[str]]:
 class OrtBackend(Backend):
     """An onnxruntime session over ``model``; ``weights`` reach it without a copy where possible.
 
-    A weight that is a view of the mapped model file (or its external data file) is declared as
-    external data at its offset in that file: onnxruntime maps the file itself and reads the
-    bytes in place. Any other array (made by the native rewrite: widened codes, repeated scales)
-    goes through ``add_external_initializers``, which copies it once.
+    A weight that is a view of the mapped model file (or its external data file, or the
+    :class:`~qbert_edge.runtime.loader.Spill` file of arrays made while loading) is declared as
+    external data at its offset in that file: onnxruntime reads the bytes itself, and frees its
+    buffer of a weight once a kernel has prepacked it. Any other array goes through
+    ``add_external_initializers``, which hands onnxruntime our buffer: it stays alive, next to
+    onnxruntime's prepacked copy, until the session is created.
+    ``copied_bytes``: every array made at load time, however handed over; ``spilled_bytes``: those
+    handed over through the spill file.
     """
 
     name = "ort"
 
     def __init__(self, model, weights: dict[str, np.ndarray], options: RuntimeOptions, graph,
-                 custom_ops: bool = False) -> None:
+                 custom_ops: bool = False, spill=None) -> None:
         import onnxruntime as ort
 
         from qbert_edge.runtime.loader import placeholder
@@ -264,11 +277,14 @@ class OrtBackend(Backend):
             so.register_custom_ops_library(ort_custom.library_path())
         copied: dict[str, np.ndarray] = {}
         folder = graph.path.parent.resolve()
+        spilled = 0
         for w_name, arr in weights.items():
             where = graph.file_location(arr)
             if where is not None and where[0].resolve().parent == folder:
                 model.graph.initializer.append(placeholder(w_name, arr, where[0].name, where[1],
                                                            graph.declared.get(w_name)))
+                if spill is not None and spill.owns(where[0]):
+                    spilled += int(arr.nbytes)
             elif w_name in graph.declared:
                 raise QbertEdgeError(f"{name}: {w_name}: a 4-bit initializer must stay in the file")
             else:
@@ -277,7 +293,8 @@ class OrtBackend(Backend):
         if copied:
             values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in copied.values()]
             so.add_external_initializers(list(copied), values)
-        self.copied_bytes = sum(int(a.nbytes) for a in copied.values())
+        self.spilled_bytes = spilled
+        self.copied_bytes = sum(int(a.nbytes) for a in copied.values()) + spilled
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -296,7 +313,7 @@ class OrtCustomBackend(OrtBackend):
 
     name = "ort-custom"
 
-    def __init__(self, model, weights: dict[str, np.ndarray], options: RuntimeOptions, graph) -> None:
+    def __init__(self, model, weights: dict[str, np.ndarray], options: RuntimeOptions, graph, spill=None) -> None:
         from qbert_edge.runtime import ort_custom
 
         self.scope = ort_custom.new_scope()
@@ -306,7 +323,7 @@ class OrtCustomBackend(OrtBackend):
             kept = [t for t in model.graph.initializer if t.name not in unused]
             del model.graph.initializer[:]
             model.graph.initializer.extend(kept)
-            super().__init__(model, weights, options, graph, custom_ops=True)
+            super().__init__(model, weights, options, graph, custom_ops=True, spill=spill)
         except BaseException:
             ort_custom.release(self.scope)
             raise
@@ -371,23 +388,39 @@ def create(backend: str, graph, options: RuntimeOptions | None = None) -> Backen
             log.info("%s has no %s ops; ort-custom runs it as plain onnxruntime", name, OP_DOMAIN)
         return OrtCustomBackend(model, weights, options, graph)
     if backend == "ort":
-        before = weights
-        if has_ops:
-            from qbert_edge.runtime import native
+        from qbert_edge.runtime.loader import Spill
 
-            model, weights = native.native_rewrite(model, weights, strict=False, accuracy_level=options.accuracy_level,
-                                                   widen_2bit=options.widen_2bit)
-        # a --target ort export (or any ONNX model) runs as it is, but for the settings below
-        if options.accuracy_level is not None:
-            set_accuracy_level(model, options.accuracy_level)
-        weights = widen_2bit(model, weights, rule=options.widen_2bit)
-        kept = {id(a) for a in weights.values()} | {id(a.base) for a in weights.values() if a.base is not None}
-        graph.forget([a for a in before.values() if id(a) not in kept and id(a.base) not in kept])
-        release_free_memory()
-        if has_ops and check_ops(model, name):  # shapes MatMulNBits cannot hold keep our op (logged by native)
-            return OrtCustomBackend(model, weights, options, graph)
-        return OrtBackend(model, weights, options, graph)
+        spill = Spill(graph) if options.spill else None
+        try:
+            return _native_backend(model, weights, options, graph, has_ops, spill)
+        finally:
+            if spill is not None:
+                spill.close()
     raise QbertEdgeError(f"unknown backend {backend!r} (choose one of: auto, {', '.join(BACKENDS)})")
+
+
+def _native_backend(model, weights: dict[str, np.ndarray], options: RuntimeOptions, graph, has_ops: bool,
+                    spill) -> Backend:
+    """``ort``: rewrite to onnxruntime's low-bit ops, one matrix at a time, and open the session."""
+    name = str(graph.path)
+    store = None if spill is None else spill.put
+    before = weights
+    if has_ops:
+        from qbert_edge.runtime import native
+
+        model, weights = native.native_rewrite(model, weights, strict=False, accuracy_level=options.accuracy_level,
+                                               widen_2bit=options.widen_2bit, store=store, release=graph.forget)
+    # a --target ort export (or any ONNX model) runs as it is, but for the settings below
+    if options.accuracy_level is not None:
+        set_accuracy_level(model, options.accuracy_level)
+    weights = widen_2bit(model, weights, rule=options.widen_2bit, store=store, release=graph.forget)
+    kept = {id(a) for a in weights.values()} | {id(a.base) for a in weights.values() if a.base is not None}
+    graph.forget([a for a in before.values() if id(a) not in kept and id(a.base) not in kept])
+    del before
+    release_free_memory()
+    if has_ops and check_ops(model, name):  # shapes MatMulNBits cannot hold keep our op (logged by native)
+        return OrtCustomBackend(model, weights, options, graph, spill=spill)
+    return OrtBackend(model, weights, options, graph, spill=spill)
 
 
 def return_memory_to_os(threshold: int = 128 * 1024) -> None:
@@ -427,7 +460,8 @@ def release_free_memory() -> None:
         pass
 
 
-def widen_2bit(model, weights: dict[str, np.ndarray], rule: bool | None = True) -> dict[str, np.ndarray]:
+def widen_2bit(model, weights: dict[str, np.ndarray], rule: bool | None = True, store=None,
+               release=None) -> dict[str, np.ndarray]:
     """Rewrite 2-bit ``MatMulNBits`` of ``model`` (in place) to 4 bits; returns the new weights.
 
     ``rule`` True: every one; False: none; None: those onnxruntime has no native 2-bit kernel
@@ -436,7 +470,9 @@ def widen_2bit(model, weights: dict[str, np.ndarray], rule: bool | None = True) 
     Exact: a 2-bit code and zero point are the same numbers in 4 bits. ``B`` is
     ``[N, blocks, block/4]`` bytes of 2-bit codes, low bits first; the 4-bit blob is
     ``[N, blocks, block/2]``, two codes per byte, low nibble first. Zero points are packed per
-    row the same way (4 per byte -> 2 per byte, padded to whole bytes).
+    row the same way (4 per byte -> 2 per byte, padded to whole bytes). ``store``/``release``
+    as in :func:`~qbert_edge.runtime.native.native_rewrite`: each new array goes to ``store`` as it
+    is made, each replaced one to ``release``.
     """
     from onnx import helper
 
@@ -451,14 +487,28 @@ def widen_2bit(model, weights: dict[str, np.ndarray], rule: bool | None = True) 
             continue
         n, k, block = int(attrs["N"]), int(attrs["K"]), int(attrs["block_size"])
         blocks = k // block
-        codes = _crumbs(np.asarray(out[node.input[1]]).reshape(n, -1))[:, : blocks * block]
-        out[node.input[1]] = _nibbles(codes).reshape(n, blocks, block // 2)
+        keep = store or (lambda arr: arr)
+        replaced = [out[node.input[1]]]
+        codes = _widen_crumbs(np.asarray(out[node.input[1]]).reshape(n, -1), blocks * block)
+        out[node.input[1]] = keep(codes.reshape(n, blocks, block // 2))
         if len(node.input) > 3 and node.input[3] in out:
+            replaced.append(out[node.input[3]])
             zeros = _crumbs(np.asarray(out[node.input[3]]).reshape(n, -1))[:, :blocks]
-            out[node.input[3]] = _nibbles(zeros)
+            out[node.input[3]] = keep(_nibbles(zeros))
+        if release is not None:
+            release(replaced)
         kept = [a for a in node.attribute if a.name != "bits"]
         del node.attribute[:]
         node.attribute.extend(kept + [helper.make_attribute("bits", 4)])
+    return out
+
+
+def _widen_crumbs(packed: np.ndarray, count: int, rows_per_step: int = 256) -> np.ndarray:
+    """2-bit rows ``[n, bytes]`` -> 4-bit rows ``[n, ceil(count/2)]`` (the first ``count`` codes), a few rows at a time."""
+    n = packed.shape[0]
+    out = np.empty((n, (count + 1) // 2), np.uint8)
+    for r0 in range(0, n, rows_per_step):
+        out[r0:r0 + rows_per_step] = _nibbles(_crumbs(packed[r0:r0 + rows_per_step])[:, :count])
     return out
 
 

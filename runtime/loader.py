@@ -17,7 +17,10 @@ splits the file into
   bytes itself (external data) instead of receiving a copy.
 
 Mapped pages are read on demand and are clean, file-backed memory: they count in RSS once per
-mapping that touches them, and the kernel can drop them under pressure. Views of misaligned
+mapping that touches them, and the kernel can drop them under pressure. Arrays a backend makes
+while loading (the ``ort`` backend's widened codes) can go the same way: :class:`Spill` writes each
+to a temporary file beside the model as it is made and hands back a mapped view, so onnxruntime
+reads them as external data too, and frees each once its kernel has prepacked it. Views of misaligned
 multi-byte data (fp32 scales, biases, LayerNorm weights) are copied to aligned arrays; packed
 uint8 codes, the bulk of a quantized model, never are. Initializers of at most
 :data:`SMALL_BYTES` stay in the graph. This module does not run models and does not know the
@@ -26,14 +29,18 @@ uint8 codes, the bulk of a quantized model, never are. Initializers of at most
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from qbert_edge.errors import QbertEdgeError
+
+log = logging.getLogger(__name__)
 
 #: Initializers up to this many bytes stay in the graph (shape constants, epsilons): graph
 #: optimizers and constant folding read them, and copying them costs nothing.
@@ -63,23 +70,25 @@ class LoadedGraph:
     model: object  # onnx.ModelProto
     weights: dict[str, np.ndarray]
     file_bytes: int
-    _maps: list = field(default_factory=list, repr=False)  # (file, mmap) pairs
+    _maps: list = field(default_factory=list, repr=False)  # (file, mmap, offset of the map in the file)
     #: name -> (onnx data type, dims) of weights whose view is not their declared type (4-bit types)
     declared: dict = field(default_factory=dict)
 
     def file_location(self, arr: np.ndarray) -> tuple[Path, int] | None:
         """``(file, byte offset)`` of ``arr``'s bytes if it is a contiguous view of a mapped file."""
-        if not arr.flags.c_contiguous or arr.flags.owndata:
+        region = self._region(arr)
+        return None if region is None else (region[0], region[2] + region[3])
+
+    def _region(self, arr: np.ndarray):
+        """``(file, mmap, offset of the map in the file, offset of arr in the map)``, or None."""
+        if not arr.flags.c_contiguous or arr.flags.owndata or not arr.nbytes:
             return None
         start = arr.ctypes.data
-        for file, base, length in self._regions:
-            if base <= start and start + arr.nbytes <= base + length:
-                return file, start - base
+        for file, m, offset in self._maps:
+            base = np.frombuffer(m, np.uint8, count=1).ctypes.data
+            if base <= start and start + arr.nbytes <= base + len(m):
+                return file, m, offset, start - base
         return None
-
-    @property
-    def _regions(self) -> list[tuple[Path, int, int]]:
-        return [(file, np.frombuffer(m, np.uint8, count=1).ctypes.data, len(m)) for file, m in self._maps]
 
     def forget(self, arrays) -> int:
         """Drop the mapped pages under ``arrays`` from this process (``MADV_DONTNEED``); returns bytes.
@@ -95,12 +104,12 @@ class LoadedGraph:
         page = _mmap.PAGESIZE
         dropped = 0
         for arr in arrays:
-            where = self.file_location(arr)
-            if where is None:
+            region = self._region(arr)
+            if region is None:
                 continue
-            m = next(m for f, m in self._maps if f == where[0])
-            start = -(-where[1] // page) * page
-            stop = (where[1] + arr.nbytes) // page * page
+            m, at = region[1], region[3]
+            start = -(-at // page) * page
+            stop = (at + arr.nbytes) // page * page
             if stop > start:
                 m.madvise(_mmap.MADV_DONTNEED, start, stop - start)
                 dropped += stop - start
@@ -174,7 +183,7 @@ def load_graph(path: str | os.PathLike) -> LoadedGraph:
         raise QbertEdgeError(f"{path}: not an ONNX model, or truncated ({type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node:
         raise QbertEdgeError(f"{path}: not an ONNX model (no graph)")
-    maps = [(path, mapped)]
+    maps = [(path, mapped, 0)]
     external: dict[Path, object] = {}
     weights: dict[str, np.ndarray] = {}
     declared: dict[str, tuple[int, tuple[int, ...]]] = {}
@@ -200,7 +209,106 @@ def load_graph(path: str | os.PathLike) -> LoadedGraph:
         weights[tensor.name] = arr
         if tensor.data_type in SUB_BYTE:
             declared[tensor.name] = (int(tensor.data_type), tuple(int(d) for d in tensor.dims))
-    return LoadedGraph(path, model, weights, total, maps + list(external.items()), declared)
+    return LoadedGraph(path, model, weights, total, maps + [(p, m, 0) for p, m in external.items()], declared)
+
+
+#: Filesystems whose files live in RAM: a spill there would only move bytes out of the process's
+#: RSS into shared memory, not out of DRAM, so :meth:`Spill.beside` declines them.
+RAM_FILESYSTEMS = ("tmpfs", "ramfs", "devtmpfs", "hugetlbfs")
+
+
+class Spill:
+    """A temporary file beside the model for arrays made while loading (widened codes).
+
+    :meth:`put` writes an array at a page-aligned offset and returns a read-only view of the
+    file's bytes there, registered in the graph's maps so :meth:`LoadedGraph.file_location` finds
+    it: a backend then declares it to onnxruntime as external data like any weight of the model
+    file. The bytes leave the process at once (only the page cache holds them, reclaimable once
+    written back; this process never touches the view's pages), and onnxruntime frees its own
+    buffer of each initializer once its kernel has prepacked it, so the arrays of the whole model
+    are never in this process's memory together. :meth:`close` (after the session is created)
+    unlinks the file; mappings still open keep reading it.
+
+    The file is made on the first :meth:`put` of at least :attr:`min_bytes`, with a hidden name,
+    in the model's folder (onnxruntime reads external data only from there). Where it cannot be
+    made (a read-only folder, a full disk) or would live in RAM (:data:`RAM_FILESYSTEMS`), ``put``
+    returns the array itself: the same result, held in memory as before.
+    """
+
+    def __init__(self, graph: LoadedGraph, min_bytes: int = 64 * 1024) -> None:
+        self.graph = graph
+        self.min_bytes = min_bytes
+        self.path: Path | None = None
+        self.bytes = 0  # array bytes written
+        self._fd: int | None = None
+        self._end = 0
+        self._failed = _ram_filesystem(graph.path.parent)
+        if self._failed:
+            log.info("%s is on a RAM filesystem (%s): arrays made while loading stay in memory",
+                     graph.path.parent, self._failed)
+
+    def put(self, arr: np.ndarray) -> np.ndarray:
+        """``arr``'s bytes moved to the file: a read-only view with its dtype and shape (or ``arr``)."""
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes < self.min_bytes or self._failed:
+            return arr
+        try:
+            if self._fd is None:
+                self._fd, name = tempfile.mkstemp(prefix=".qbert-edge-", suffix=".spill", dir=self.graph.path.parent)
+                self.path = Path(name)
+            offset = -(-self._end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
+            data = memoryview(arr.reshape(-1).view(np.uint8))
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self._fd, data[done:], offset + done)
+            m = mmap.mmap(self._fd, arr.nbytes, offset=offset, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            log.info("cannot write arrays made while loading beside %s (%s): they stay in memory",
+                     self.graph.path, exc.strerror or exc)
+            self._failed = str(exc)
+            return arr
+        self._end = offset + arr.nbytes
+        self.bytes += arr.nbytes
+        self.graph._maps.append((self.path, m, offset))
+        view = np.frombuffer(m, arr.dtype, count=arr.size).reshape(arr.shape)
+        view.flags.writeable = False
+        return view
+
+    def owns(self, file: Path) -> bool:
+        return self.path is not None and Path(file) == self.path
+
+    def close(self) -> None:
+        """Unlink the file and forget its maps (views still alive keep their mapping)."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        self.graph._maps[:] = [entry for entry in self.graph._maps if entry[0] != self.path]
+
+
+def _ram_filesystem(folder: Path) -> str:
+    """The filesystem type of ``folder`` if it keeps files in RAM (Linux ``/proc/self/mountinfo``), else ''."""
+    try:
+        target = str(Path(folder).resolve())
+        with open("/proc/self/mountinfo") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return ""
+    best, kind = "", ""
+    for line in lines:
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ")
+        fstype = line.split(" - ", 1)[1].split()[0]
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind if kind in RAM_FILESYSTEMS else ""
 
 
 @dataclass(frozen=True)

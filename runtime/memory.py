@@ -8,7 +8,8 @@
 nothing the caller loaded counts. The child imports the runtime and the backend's packages, reads
 its RSS (the **baseline**), loads the session (**after load**), runs ``warmup`` + ``runs``
 inferences on random token ids of shape ``[batch, seq_len]``, and reads ``VmHWM``, the kernel's
-high-water mark of its RSS (**peak**). The model's share of DRAM is ``peak - baseline``: the weights
+high-water mark of its RSS (**peak**; ``peak_load``: the same read right after loading, so
+``peak_load - after_load`` is what loading held only transiently). The model's share of DRAM is ``peak - baseline``: the weights
 the process touched (mapped file pages count too), every copy made while loading, the
 activations and onnxruntime's own buffers. Latency is the wall time of each timed run (p50/p90).
 
@@ -61,6 +62,7 @@ class MeasureConfig:
     accuracy_level: int | None = None
     widen_2bit: bool | None = None
     return_memory: bool | None = None
+    spill: bool | None = None
     engine: str = "qbert-edge"
     seed: int = 0
 
@@ -77,7 +79,8 @@ class MeasureConfig:
     def options(self):
         from qbert_edge.runtime.backends import RuntimeOptions
 
-        keys = ("threads", "arena", "prepacking", "optimization", "accuracy_level", "widen_2bit", "return_memory")
+        keys = ("threads", "arena", "prepacking", "optimization", "accuracy_level", "widen_2bit", "return_memory",
+                "spill")
         given = {k: getattr(self, k) for k in keys}
         return RuntimeOptions(**{k: v for k, v in given.items() if v is not None})
 
@@ -391,7 +394,7 @@ def _child(config: MeasureConfig) -> dict:
         run, limits, names = session.run, session._limits, session.input_names
         threads, options = session.options.resolved_threads, asdict(session.options)
     load_s = time.perf_counter() - start
-    loaded = proc_status()
+    loaded = proc_status()  # its VmHWM is the peak while loading
     feeds = random_feeds(names, limits, config.batch, config.seq_len, config.seed)
     for _ in range(config.warmup):
         run(feeds)
@@ -410,6 +413,7 @@ def _child(config: MeasureConfig) -> dict:
         "after_load": get(loaded, "VmRSS"),
         "after_runs": get(after, "VmRSS"),
         "peak": get(after, "VmHWM"),
+        "peak_load": get(loaded, "VmHWM"),
         "anon_baseline": get(base, "RssAnon"),
         "file_baseline": get(base, "RssFile"),
         "anon_after_load": get(loaded, "RssAnon"),
@@ -418,10 +422,12 @@ def _child(config: MeasureConfig) -> dict:
         "file_after_runs": get(after, "RssFile"),
         "model_share": None,
         "load_share": None,
+        "load_peak_share": None,
     }
     if rss["peak"] is not None and rss["baseline"] is not None:
         rss["model_share"] = rss["peak"] - rss["baseline"]
         rss["load_share"] = rss["after_load"] - rss["baseline"]
+        rss["load_peak_share"] = rss["peak_load"] - rss["baseline"]
     return {"rss": rss, "load_s": load_s, "latency_ms": latencies, "threads": threads, "options": options}
 
 

@@ -23,11 +23,16 @@ becomes ``com.microsoft::GatherBlockQuantized``, with the same numbers:
   :data:`MAX_BLOCK` (onnxruntime refuses 2-bit blocks above 256).
 - ``dense-le-v1`` packs a row-major ``[N, K]`` weight exactly as MatMulNBits' ``[N, K/bs, bs*bits/8]``
   blob (low bits first) when K*bits is a multiple of 8, so an un-widened weight is a reshape of
-  the same bytes (zero-copy); a widened one is unpacked and repacked.
+  the same bytes (zero-copy); a widened one is unpacked and repacked a few rows at a time
+  (:data:`WIDEN_CHUNK` codes: the temporaries stay ~2 MB, where one pass over a 768 x 3072 3-bit
+  matrix made ~28 MB of them).
 - Zero points are passed packed (uint8, ``ceil(blocks*bits/8)`` bytes per row), as both ops expect.
 
 :func:`native_rewrite` works on a model plus a separate ``name -> array`` dict of weights (what the
 runtime's memory-mapped loader holds); :func:`to_native` is the same on a self-contained model.
+It makes one matrix at a time and can hand each new array to a ``store`` (the runtime's
+:class:`~qbert_edge.runtime.loader.Spill` writes it to a temporary file and keeps only a mapped
+view), so the new arrays of the whole model never sit in memory together.
 Shapes that cannot be expressed (K or the embedding width not a multiple of 16) raise
 :class:`~qbert_edge.errors.QbertEdgeError`, or with ``strict=False`` keep the custom op.
 """
@@ -35,7 +40,8 @@ Shapes that cannot be expressed (K or the embedding width not a multiple of 16) 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -58,6 +64,8 @@ INT8_LEVEL = 4
 #: Blocks at which onnxruntime's native 2-bit kernel (MLAS ``SQ2BitGemm_CompInt8``) is within
 #: 1.4x of its 4-bit one (measured; it also takes 32, at 1.5-2.2x: widened there).
 FAST_2BIT_BLOCKS = (64, 128)
+#: Codes widened per step (:func:`widen_codes`): its temporaries are ~9 bytes per code.
+WIDEN_CHUNK = 1 << 18
 #: The ``ort`` backend's and the ``--target ort`` exporter's ``accuracy_level``
 #: (docs/runtime.md has the measurement behind it; ``--accuracy-level 0`` is exact).
 DEFAULT_ACCURACY_LEVEL = 0
@@ -136,11 +144,41 @@ def _blocks(scales, zero_points, rows: int, groups: int, blocks: int, bits: int)
 
 
 def _codes(packed: np.ndarray, bits: int, rows: int, cols: int, new_bits: int) -> np.ndarray:
-    """The packed bytes as ``[rows, cols*new_bits/8]``: a reshape when the width is kept, else repacked."""
+    """The packed bytes as ``[rows, cols*new_bits/8]``: a reshape when the width is kept, else widened."""
     packed = np.asarray(packed, np.uint8).reshape(-1)
     if new_bits == bits:
         return packed.reshape(rows, cols * bits // 8)
-    return pack(unpack(packed, bits, rows * cols), new_bits).reshape(rows, cols * new_bits // 8)
+    return widen_codes(packed, bits, rows, cols, new_bits)
+
+
+def widen_codes(packed: np.ndarray, bits: int, rows: int, cols: int, new_bits: int,
+                chunk: int = WIDEN_CHUNK) -> np.ndarray:
+    """Row-major ``bits``-bit codes of a ``[rows, cols]`` matrix repacked at ``new_bits``: ``[rows, cols*new_bits/8]``.
+
+    Works ``chunk`` codes (whole rows) at a time when a row fills whole bytes at both widths, so
+    the temporaries of unpacking (8 bytes per code) never cover the whole matrix.
+
+    >>> from qbert_edge.runtime.packing import pack
+    >>> widen_codes(pack(np.array([5, 3, 7, 1], np.uint8), 3), 3, 2, 2, 4).tolist()
+    [[53], [23]]
+    """
+    packed = np.asarray(packed, np.uint8).reshape(-1)
+    out_row = cols * new_bits // 8
+    if (cols * bits) % 8 or (cols * new_bits) % 8:  # rows do not start on byte boundaries: one pass
+        return pack(unpack(packed, bits, rows * cols), new_bits).reshape(rows, out_row)
+    in_row = cols * bits // 8
+    out = np.empty((rows, out_row), np.uint8)
+    step = max(1, chunk // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        codes = unpack(packed[r0 * in_row: r1 * in_row], bits, (r1 - r0) * cols)
+        if new_bits == 4:  # two codes per byte, low nibble first: what pack(., 4) gives, without its 8x temporaries
+            out[r0:r1] = (codes[0::2] | (codes[1::2] << 4)).reshape(r1 - r0, out_row)
+        elif new_bits == 8:
+            out[r0:r1] = codes.reshape(r1 - r0, out_row)
+        else:
+            out[r0:r1] = pack(codes, new_bits).reshape(r1 - r0, out_row)
+    return out
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -158,6 +196,8 @@ def native_rewrite(
     widen: bool = True,
     accuracy_level: int | None = None,
     widen_2bit: bool | None = False,
+    store: Callable[[np.ndarray], np.ndarray] | None = None,
+    release: Callable[[Iterable[np.ndarray]], object] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Rewrite every ``QMatMul``/``QGather`` of ``model``; returns ``(new model, new weights)``.
 
@@ -244,7 +284,14 @@ def native_rewrite(
                 "GatherBlockQuantized", [names[0], ids, names[1], names[2]], list(node.output),
                 name=node.name, domain=MS_DOMAIN, bits=new_bits, block_size=block, gather_axis=0, quantize_axis=1,
             )
-        new_weights.update(zip(names, (codes, scale, zero)))
+        made = (codes, scale, zero) if new_bits != bits else (scale, zero)
+        if store is not None and weights is not None:
+            made = tuple(store(m) for m in made)
+        new_weights.update(zip(names[-len(made):], made))
+        if new_bits == bits:
+            new_weights[names[0]] = codes
+        if release is not None:
+            release([external[i] for i in ((w, s, z) if new_bits != bits else (s, z)) if i in external])
         nodes.append(new)
         rewritten += 1
 
