@@ -60,9 +60,21 @@ def build_models(workdir: Path) -> dict[str, Path]:
     ort_optimized(paths["fp32"], paths["fp32+opt"], num_heads=12, hidden_size=768)
     ort_int8(paths["fp32"], paths["int8"])
     ort_nbits(paths["fp32"], paths["nbits4"], block_size=32, gather=True)
-    pt = quantize_ours(base, workdir / "bert-base-ours.pt", bits=2, high_bits=3, high_layers=HIGH_LAYERS)
+    pt = workdir / "bert-base-ours.pt"
+    quantize_ours(base, pt, None if pt.exists() else ours_plan(base))  # a cached file is reused as it is
     export_onnx(pt, paths["ours"])
     return paths
+
+
+def ours_plan(source: Path):
+    """2/3 MP: layers :data:`HIGH_LAYERS` at 3 bits, the rest at 2; 128 groups; 8-bit embeddings and activations."""
+    from qbert_edge.loading import load_model
+    from qbert_edge.plan import uniform_plan
+    from qbert_edge.qmodel import quantizable_shapes
+
+    shapes = quantizable_shapes(load_model(str(source)).model)
+    return uniform_plan(shapes, 2, 128, layer_bits={i: 3 for i in HIGH_LAYERS},
+                        meta={"scheme": "2/3 MP", "high_layers": list(HIGH_LAYERS)})
 
 
 # --------------------------------------------------------------------------- measuring
@@ -72,7 +84,9 @@ def _figures() -> list[tuple[str, str, dict]]:
 
     ``ours`` on ``ort`` runs at the backend's default ``accuracy_level``, then at the other of
     0/4, then at level 4 with 2-bit layers widened to 4 bits (what the backend did before its
-    2-bit rule, :func:`qbert_edge.runtime.native.keeps_2bit`).
+    2-bit rule, :func:`qbert_edge.runtime.native.keeps_2bit`), then at the default level without
+    the spill (``RuntimeOptions(spill=False)``: widened codes handed to onnxruntime from memory, as
+    before issue #6's load-peak fix).
     """
     from qbert_edge.runtime.native import DEFAULT_ACCURACY_LEVEL as level
 
@@ -86,6 +100,8 @@ def _figures() -> list[tuple[str, str, dict]]:
         (f"ours 2/3 MP, backend ort, accuracy_level {other}", "ours", {"backend": "ort", "accuracy_level": other}),
         ("ours 2/3 MP, backend ort, accuracy_level 4, 2-bit widened to 4", "ours",
          {"backend": "ort", "accuracy_level": 4, "widen_2bit": True}),
+        (f"ours 2/3 MP, backend ort (accuracy_level {level}), spill off: widened codes handed over from memory", "ours",
+         {"backend": "ort", "spill": False}),
         ("ours 2/3 MP, backend ort-custom", "ours", {"backend": "ort-custom"}),
         ("ours 2/3 MP, backend reference (correctness only)", "ours", {"backend": "reference"}),
     ]
@@ -129,6 +145,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             "p90_ms": rep["latency_ms"]["p90"],
             "peak_rss_mb": rep["rss_mb"]["peak"],
             "model_share_mb": rep["rss_mb"]["model_share"],
+            "load_peak_share_mb": _minus(rep["rss_mb"].get("peak_load"), rep["rss_mb"]["baseline"]),
+            "after_runs_share_mb": _minus(rep["rss_mb"].get("after_runs"), rep["rss_mb"]["baseline"]),
             "activations_mb": rep["activations_mb"],
             "loadavg": r["loadavg_before"],
             "native_4bit_mb": rep.get("native_4bit_mb", 0.0),
@@ -144,6 +162,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _minus(a, b):
+    return None if a is None or b is None else round(a - b, 2)
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def markdown(summary: list[dict], meta: dict) -> str:
     lines = [
         "# Runtime benchmark: BERT-base shape (12 x 768, random weights), batch 1 x 128 tokens",
@@ -151,16 +177,19 @@ def markdown(summary: list[dict], meta: dict) -> str:
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs, {meta['threads']} threads; onnxruntime {meta['onnxruntime']}; "
         f"load average {meta['loadavg_start']} at start, {meta['loadavg_end']} at end (the CPU is shared).  ",
-        "Every figure is a fresh process. Model share = peak RSS (VmHWM) - RSS after importing the runtime. "
-        "Ratios are against ORT fp32 of the same model in this run.",
+        "Every figure is a fresh process. Model share = peak RSS (VmHWM) - RSS after importing the runtime; "
+        "of which 'at load' = VmHWM right after loading, 'after runs' = RSS after the runs (both minus the same "
+        "baseline). Ratios are against ORT fp32 of the same model in this run.",
         "",
-        "| variant | file MB | p50 ms | p90 ms | peak RSS MB | model share MB | file x | latency x | share x | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | file MB | p50 ms | p90 ms | peak RSS MB | model share MB | share: peak at load | share: after runs "
+        "| file x | latency x | share x | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         lines.append(
             f"| {r['variant']} | {r['file_mb']:.1f} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['model_share_mb']:.0f} | {r.get('file_ratio', float('nan')):.2f} | {r.get('latency_ratio', float('nan')):.2f} | "
+            f"{r['model_share_mb']:.0f} | {_mb(r.get('load_peak_share_mb'))} | {_mb(r.get('after_runs_share_mb'))} | "
+            f"{r.get('file_ratio', float('nan')):.2f} | {r.get('latency_ratio', float('nan')):.2f} | "
             f"{r.get('share_ratio', float('nan')):.2f} | {r['loadavg']} |"
         )
     ours = next((r for r in summary if r["variant"].startswith("ours") and "backend ort" in r["variant"]
