@@ -63,6 +63,7 @@ class MeasureConfig:
     widen_2bit: bool | None = None
     return_memory: bool | None = None
     spill: bool | None = None
+    mem_pattern: bool | None = None
     engine: str = "qbert-edge"
     seed: int = 0
 
@@ -80,7 +81,7 @@ class MeasureConfig:
         from qbert_edge.runtime.backends import RuntimeOptions
 
         keys = ("threads", "arena", "prepacking", "optimization", "accuracy_level", "widen_2bit", "return_memory",
-                "spill")
+                "spill", "mem_pattern")
         given = {k: getattr(self, k) for k in keys}
         return RuntimeOptions(**{k: v for k, v in given.items() if v is not None})
 
