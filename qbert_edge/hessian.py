@@ -26,7 +26,7 @@ most negative curvature beats the most positive one (the model is not at a minim
 :func:`top_eigenvectors` (deflation) and :func:`loss_landscape` give the loss surface along
 a layer's top two eigenvectors. The model runs in eval mode (dropout off) with eager attention
 (PyTorch's fused SDPA kernels have no double backward on CPU) and a GELU whose second
-derivative is cheap (:mod:`qbert_edge.gelu`); all are restored afterwards.
+derivative is cheap, and so is LayerNorm's (:mod:`qbert_edge.second_order`); all are restored afterwards.
 
 This module neither reads nor writes files (:mod:`qbert_edge.sensitivity` does) and draws
 nothing (:mod:`qbert_edge.plots` does).
@@ -109,9 +109,9 @@ def layer_weights(model: torch.nn.Module, layers: Sequence[int] | None = None) -
 
 @contextlib.contextmanager
 def hessian_mode(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
-    """Eval mode, eager attention, cheap-second-derivative GELU (:mod:`qbert_edge.gelu`),
-    gradients only for ``params``; everything restored on exit."""
-    from qbert_edge.gelu import swapped_gelu
+    """Eval mode, eager attention, GELU and LayerNorm with cheap second derivatives
+    (:mod:`qbert_edge.second_order`), gradients only for ``params``; everything restored on exit."""
+    from qbert_edge.second_order import cheap_second_derivatives
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
@@ -124,7 +124,7 @@ def hessian_mode(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad(), swapped_gelu(model):
+        with torch.enable_grad(), cheap_second_derivatives(model):
             yield
     finally:
         for p, flag in flags:

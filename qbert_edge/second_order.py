@@ -1,23 +1,31 @@
-"""Exact (erf) GELU whose *second* derivative is cheap: the Hessian analysis's hot spot.
+"""GELU and LayerNorm whose *second* derivatives are cheap: the Hessian analysis's hot spots.
 
-A Hessian-vector product by double backward differentiates GELU's backward once more.
-PyTorch builds that second derivative from a dozen unfused elementwise operations, and on
-MiniLM it took about 40% of an HVP pass (profiled: 5.2 s of 12 s for 128 examples). Here the
-values are PyTorch's own (``F.gelu`` and its fused ``gelu_backward``), and the second
-derivative is written out::
+A Hessian-vector product by double backward differentiates every backward formula once more,
+and each encoder layer's second backward visits every layer above it. PyTorch builds the second
+derivatives of GELU and LayerNorm from dozens of unfused elementwise operations and row
+reductions; profiled on MiniLM they were the largest costs after the matrix products. Here the
+values and first derivatives are PyTorch's own fused kernels (``F.gelu``/``gelu_backward``,
+``native_layer_norm``/``native_layer_norm_backward``) and the second derivatives are written out,
+with what every second backward of a pass shares computed once:
 
-    gelu(x)   = x * Phi(x)
-    gelu'(x)  = Phi(x) + x * phi(x)          (aten.gelu_backward, fused; kept once computed)
-    gelu''(x) = phi(x) * (2 - x**2)          phi(x) = exp(-x**2 / 2) / sqrt(2 pi)
+    gelu''(x) = phi(x) * (2 - x**2)              phi(x) = exp(-x**2 / 2) / sqrt(2 pi)
 
-:func:`swapped_gelu` puts :class:`Gelu` in place of a BERT model's exact-GELU activations for
-the duration of a ``with`` block (same numbers, faster double backward).
+    LayerNorm, one row of n values, u = g * gamma, x^ = (x - mean) * rstd,
+    P v = v - mean(v) - x^ * mean(v * x^)        (symmetric)
+    dx = rstd * P u                              (the first backward)
+    for a cotangent c of dx:
+      d/dg = gamma * rstd * P c
+      d/dx = -rstd**2 * (mean(c * Pu) * x^ + mean(c * x^) * Pu + mean(u * x^) * P c)
+
+:func:`cheap_second_derivatives` puts them in place in a BERT model for the duration of a
+``with`` block (same numbers; LayerNorm parameters must be frozen, as they are in the analysis).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import types
 from collections.abc import Iterator
 
 import torch
@@ -76,20 +84,77 @@ def _is_exact_gelu(module: torch.nn.Module) -> bool:
     return getattr(module, "act", None) is F.gelu or isinstance(module, torch.nn.GELU) and module.approximate == "none"
 
 
-@contextlib.contextmanager
-def swapped_gelu(model: torch.nn.Module) -> Iterator[int]:
-    """Replace every exact-GELU ``intermediate_act_fn`` of ``model`` by :class:`Gelu` (restored on exit).
+class _LayerNormGrad(torch.autograd.Function):
+    """``dx`` of LayerNorm from ``(x, g)``, differentiable once more in both (gamma held fixed)."""
 
-    Yields how many were swapped; activations of other kinds (tanh GELU, ReLU) are left alone.
+    @staticmethod
+    def forward(ctx, x, grad, weight, mean, rstd):
+        xhat = (x - mean).mul_(rstd)
+        u = grad * weight if weight is not None else grad
+        b = (u * xhat).mean(-1, keepdim=True)
+        pu = u - u.mean(-1, keepdim=True) - xhat * b
+        ctx.save_for_backward(xhat, rstd, pu, b, weight)
+        return pu * rstd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, c):
+        xhat, rstd, pu, b, weight = ctx.saved_tensors
+        mcx = (c * xhat).mean(-1, keepdim=True)
+        pc = c - c.mean(-1, keepdim=True) - xhat * mcx
+        grad_grad = pc * rstd
+        if weight is not None:
+            grad_grad = grad_grad * weight
+        cpu = (c * pu).mean(-1, keepdim=True)
+        grad_x = (xhat * cpu).add_(pu * mcx).add_(pc * b).mul_(-(rstd * rstd))
+        return grad_x, grad_grad, None, None, None
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, shape, eps):
+        y, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.shape = shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("cheap_second_derivatives: LayerNorm parameters must not require grad")
+        if not torch.is_grad_enabled():  # a plain backward: PyTorch's fused kernel
+            dx, _, _ = torch.ops.aten.native_layer_norm_backward(
+                grad, x, ctx.shape, mean, rstd, weight, bias, [True, False, False]
+            )
+            return dx, None, None, None, None
+        return _LayerNormGrad.apply(x, grad, weight, mean, rstd), None, None, None, None
+
+
+def _layer_norm_forward(self: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return _LayerNorm.apply(x, self.weight, self.bias, list(self.normalized_shape), self.eps)
+
+
+@contextlib.contextmanager
+def cheap_second_derivatives(model: torch.nn.Module) -> Iterator[tuple[int, int]]:
+    """Swap in :class:`Gelu` for every exact-GELU ``intermediate_act_fn`` and the LayerNorm above
+    for every ``nn.LayerNorm`` whose parameters are frozen; everything is restored on exit.
+
+    Yields ``(gelus, layer_norms)`` swapped; other activations (tanh GELU, ReLU) are left alone.
     """
-    swapped = []
+    gelus, norms = [], []
     for module in model.modules():
         act = getattr(module, "intermediate_act_fn", None)
         if isinstance(act, torch.nn.Module) and _is_exact_gelu(act):
-            swapped.append((module, act))
+            gelus.append((module, act))
             module.intermediate_act_fn = Gelu()
+        if isinstance(module, torch.nn.LayerNorm) and not any(p.requires_grad for p in module.parameters()):
+            norms.append(module)
+            module.forward = types.MethodType(_layer_norm_forward, module)
     try:
-        yield len(swapped)
+        yield len(gelus), len(norms)
     finally:
-        for module, act in swapped:
+        for module, act in gelus:
             module.intermediate_act_fn = act
+        for module in norms:
+            del module.forward
