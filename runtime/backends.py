@@ -471,8 +471,8 @@ def widen_2bit(model, weights: dict[str, np.ndarray], rule: bool | None = True, 
     ``[N, blocks, block/4]`` bytes of 2-bit codes, low bits first; the 4-bit blob is
     ``[N, blocks, block/2]``, two codes per byte, low nibble first. Zero points are packed per
     row the same way (4 per byte -> 2 per byte, padded to whole bytes). ``store``/``release``
-    as in :func:`~qbert_edge.runtime.native.native_rewrite`: each new array goes to ``store`` as it
-    is made, each replaced one to ``release``.
+    as in :func:`~qbert_edge.runtime.native.native_rewrite`: each widened ``B`` goes to ``store``
+    as it is made, each replaced array to ``release``.
     """
     from onnx import helper
 
@@ -494,7 +494,7 @@ def widen_2bit(model, weights: dict[str, np.ndarray], rule: bool | None = True, 
         if len(node.input) > 3 and node.input[3] in out:
             replaced.append(out[node.input[3]])
             zeros = _crumbs(np.asarray(out[node.input[3]]).reshape(n, -1))[:, :blocks]
-            out[node.input[3]] = keep(_nibbles(zeros))
+            out[node.input[3]] = _nibbles(zeros)  # small, and kept as it is by onnxruntime: not stored
         if release is not None:
             release(replaced)
         kept = [a for a in node.attribute if a.name != "bits"]

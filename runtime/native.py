@@ -30,9 +30,9 @@ becomes ``com.microsoft::GatherBlockQuantized``, with the same numbers:
 
 :func:`native_rewrite` works on a model plus a separate ``name -> array`` dict of weights (what the
 runtime's memory-mapped loader holds); :func:`to_native` is the same on a self-contained model.
-It makes one matrix at a time and can hand each new array to a ``store`` (the runtime's
-:class:`~qbert_edge.runtime.loader.Spill` writes it to a temporary file and keeps only a mapped
-view), so the new arrays of the whole model never sit in memory together.
+It makes one matrix at a time and can hand each widened matmul weight to a ``store`` (the
+runtime's :class:`~qbert_edge.runtime.loader.Spill` writes it to a temporary file and keeps only
+a mapped view), so the widened codes of the whole model never sit in memory together.
 Shapes that cannot be expressed (K or the embedding width not a multiple of 16) raise
 :class:`~qbert_edge.errors.QbertEdgeError`, or with ``strict=False`` keep the custom op.
 """
@@ -209,6 +209,13 @@ def native_rewrite(
     widening them. ``accuracy_level`` (None: not set) is written on every new ``MatMulNBits``;
     ``widen_2bit`` decides 2-bit matmuls as in :func:`matmul_layout` (False: kept, as exported
     before; None: the rule of :func:`keeps_2bit`). 2-bit gathers are always kept.
+
+    ``store`` (with ``weights``) receives each widened ``MatMulNBits`` weight as soon as it is made
+    and returns what the result holds instead (the runtime: a view of a temporary file that
+    onnxruntime reads, prepacks and frees; scales, zero points and gathers' tables, which
+    onnxruntime keeps as they are, are not stored); ``release`` receives the source arrays a
+    rewritten node no longer needs (the runtime drops their mapped pages). Both are for memory
+    only: the numbers are the same without them.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -284,12 +291,9 @@ def native_rewrite(
                 "GatherBlockQuantized", [names[0], ids, names[1], names[2]], list(node.output),
                 name=node.name, domain=MS_DOMAIN, bits=new_bits, block_size=block, gather_axis=0, quantize_axis=1,
             )
-        made = (codes, scale, zero) if new_bits != bits else (scale, zero)
-        if store is not None and weights is not None:
-            made = tuple(store(m) for m in made)
-        new_weights.update(zip(names[-len(made):], made))
-        if new_bits == bits:
-            new_weights[names[0]] = codes
+        if store is not None and weights is not None and new_bits != bits and node.op_type == "QMatMul":
+            codes = store(codes)
+        new_weights.update(zip(names, (codes, scale, zero)))
         if release is not None:
             release([external[i] for i in ((w, s, z) if new_bits != bits else (s, z)) if i in external])
         nodes.append(new)
