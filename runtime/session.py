@@ -181,7 +181,7 @@ class Session:
         if self.info is None:
             raise QbertEdgeError(f"{self.path}: has no qbert-edge metadata (tokenizer, labels); export it with qbert-edge export")
         if "logits" not in self.output_names:
-            raise QbertEdgeError(f"{self.path}: is a bare encoder (no logits output); use run() for its hidden states")
+            raise QbertEdgeError(f"{self.path}: is a bare encoder (no logits output); use embed() for sentence vectors")
         texts = list(texts)
         if not texts:
             raise QbertEdgeError("no texts to classify")
@@ -191,6 +191,35 @@ class Session:
             feeds = self.encode(texts[start:start + batch_size], chunk_pairs)
             out.append(self.run(feeds)["logits"])
         return np.concatenate(out, axis=0).astype(np.float32, copy=False)
+
+    @property
+    def is_classifier(self) -> bool:
+        return "logits" in self.output_names
+
+    def embed(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
+              batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """float32 ``[len(texts), hidden]`` unit-length sentence vectors of a bare encoder.
+
+        The mean of ``last_hidden_state`` over each text's tokens (padding excluded), L2-normalised:
+        the pooling all-MiniLM-L6-v2 (sentence-transformers) was trained with, so cosine similarity
+        is a dot product.
+        """
+        if self.info is None:
+            raise QbertEdgeError(f"{self.path}: has no qbert-edge metadata (tokenizer, labels); export it with qbert-edge export")
+        if "last_hidden_state" not in self.output_names:
+            raise QbertEdgeError(f"{self.path}: has no last_hidden_state output to pool")
+        texts = list(texts)
+        if not texts:
+            raise QbertEdgeError("no texts to embed")
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk_pairs = None if pairs is None else list(pairs)[start:start + batch_size]
+            feeds = self.encode(texts[start:start + batch_size], chunk_pairs)
+            hidden = self.run(feeds)["last_hidden_state"].astype(np.float64)
+            mask = feeds["attention_mask"][..., None].astype(np.float64)
+            mean = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+            out.append(mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12))
+        return np.concatenate(out, axis=0).astype(np.float32)
 
     def predict(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
                 batch_size: int = DEFAULT_BATCH_SIZE) -> list[Prediction]:

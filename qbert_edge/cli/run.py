@@ -14,6 +14,8 @@ from qbert_edge.errors import QbertEdgeError
 
 PREDICTIONS_FORMAT = "qbert-edge/predictions"
 PREDICTIONS_VERSION = 1
+EMBEDDINGS_FORMAT = "qbert-edge/embeddings"
+EMBEDDINGS_VERSION = 1
 
 
 def runtime_options(func):
@@ -78,15 +80,20 @@ def read_texts(texts: tuple[str, ...], file: str | None) -> list[str]:
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (qbert-edge/predictions v1).")
 def command(model, texts, file, backend, threads, accuracy_level, batch_size, as_json) -> None:
-    """Classify texts with MODEL (an exported model.onnx).
+    """Classify texts with MODEL (an exported model.onnx); a bare encoder gives sentence vectors.
 
     \b
     Examples:
       qbert-edge run model.onnx --text "a gripping, funny film" --text "a dull mess"
       qbert-edge run model.onnx --file reviews.txt --backend ort-custom --json
+      qbert-edge run encoder.onnx --text "a film" --json     # mean-pooled, unit-length vectors
     """
     items = read_texts(texts, file)
     with open_session(model, backend, threads, accuracy_level) as session:
+        if not session.is_classifier:
+            vectors = session.embed(items, batch_size=batch_size)
+            _print_embeddings(model, session.backend, items, vectors, as_json)
+            return
         preds = session.predict(items, batch_size=batch_size)
         used = session.backend
     if as_json:
@@ -97,3 +104,19 @@ def command(model, texts, file, backend, threads, accuracy_level, batch_size, as
         return
     for p in preds:
         click.echo(f"{p.label}\t{p.probabilities[p.label]:.3f}\t{p.text}")
+
+
+def _print_embeddings(model, backend: str, texts: list[str], vectors, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({
+            "format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "model": str(model), "backend": backend,
+            "pooling": "mean over tokens, L2-normalised",
+            "embeddings": [{"text": t, "vector": [round(float(x), 6) for x in v]} for t, v in zip(texts, vectors)],
+        }, indent=2))
+        return
+    click.echo(f"# {vectors.shape[1]}-dim unit sentence vectors (mean-pooled); first 4 values; --json for all")
+    for text, v in zip(texts, vectors):
+        click.echo(" ".join(f"{x:+.4f}" for x in v[:4]) + f" ...\t{text}")
+    if len(texts) > 1:
+        sims = vectors @ vectors.T
+        click.echo("# cosine similarity to the first text: " + ", ".join(f"{s:.3f}" for s in sims[0, 1:]))

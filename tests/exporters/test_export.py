@@ -282,3 +282,27 @@ def test_plan_summary_is_json_and_sorted(mixed):
     props = {p.key: p.value for p in export_model(mixed).metadata_props}
     plan = json.loads(props["qbert_edge.plan"])
     assert list(plan["modules"]) == sorted(plan["modules"])
+
+
+def test_bare_encoder_runs_as_sentence_vectors(tmp_path, capsys):
+    from qbert_edge.cli import main
+    from qbert_edge.runtime.session import Session
+
+    data = quantized_checkpoint(8, num_labels=None)
+    path = tmp_path / "encoder.onnx"
+    onnx.save(export_model(data), path)
+    texts = ["a brilliant film", "a dull and boring film that goes on"]
+    with Session(path, backend="reference") as session:
+        assert not session.is_classifier
+        both = session.embed(texts)
+        alone = session.embed(texts[:1])
+        with pytest.raises(QbertEdgeError, match="bare encoder"):
+            session.predict(texts)
+    assert both.shape == (2, 32) and both.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(both, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(alone[0], both[0], atol=1e-5)  # padding is not pooled
+    assert abs(float(both[0] @ both[1])) < 0.9999
+    assert main(["run", str(path), "--backend", "reference", "--json", *[a for t in texts for a in ("--text", t)]]) in (0, None)
+    out = json.loads(capsys.readouterr().out)
+    assert out["format"] == "qbert-edge/embeddings" and [e["text"] for e in out["embeddings"]] == texts
+    np.testing.assert_allclose(out["embeddings"][1]["vector"], both[1], atol=1e-5)
