@@ -231,8 +231,8 @@ class Spill:
 
     The file is made on the first :meth:`put` of at least :attr:`min_bytes`, with a hidden name,
     in the model's folder (onnxruntime reads external data only from there). Where it cannot be
-    made (a read-only folder, a full disk) or would live in RAM (:data:`RAM_FILESYSTEMS`), ``put``
-    returns the array itself: the same result, held in memory as before.
+    made (a read-only folder, a full disk, Windows) or would live in RAM (:data:`RAM_FILESYSTEMS`),
+    ``put`` returns the array itself: the same result, held in memory as before.
     """
 
     def __init__(self, graph: LoadedGraph, min_bytes: int = 64 * 1024) -> None:
@@ -242,10 +242,10 @@ class Spill:
         self.bytes = 0  # array bytes written
         self._fd: int | None = None
         self._end = 0
-        self._failed = _ram_filesystem(graph.path.parent)
+        self._failed = "Windows (a mapped file cannot be unlinked)" if os.name == "nt" else ""
+        self._failed = self._failed or _ram_filesystem(graph.path.parent)
         if self._failed:
-            log.info("%s is on a RAM filesystem (%s): arrays made while loading stay in memory",
-                     graph.path.parent, self._failed)
+            log.info("%s: no spill (%s): arrays made while loading stay in memory", graph.path.parent, self._failed)
 
     def put(self, arr: np.ndarray) -> np.ndarray:
         """``arr``'s bytes moved to the file: a read-only view with its dtype and shape (or ``arr``)."""
@@ -285,6 +285,8 @@ class Spill:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            log.warning("cannot remove the temporary file %s (%s)", self.path, exc.strerror or exc)
         os.close(self._fd)
         self._fd = None
         self.graph._maps[:] = [entry for entry in self.graph._maps if entry[0] != self.path]
