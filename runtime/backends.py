@@ -472,11 +472,13 @@ def widen_2bit(model, weights: dict[str, np.ndarray], rule: bool | None = True, 
     ``[N, blocks, block/2]``, two codes per byte, low nibble first. Zero points are packed per
     row the same way (4 per byte -> 2 per byte, padded to whole bytes). ``store``/``release``
     as in :func:`~qbert_edge.runtime.native.native_rewrite`: each widened ``B`` goes to ``store``
-    as it is made, each replaced array to ``release``.
+    as it is made, each replaced array to ``release``. Zero points small enough to have stayed
+    in the graph (``loader.SMALL_BYTES``) are widened there.
     """
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
     out = dict(weights)
+    inside = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
@@ -495,6 +497,10 @@ def widen_2bit(model, weights: dict[str, np.ndarray], rule: bool | None = True, 
             replaced.append(out[node.input[3]])
             zeros = _crumbs(np.asarray(out[node.input[3]]).reshape(n, -1))[:, :blocks]
             out[node.input[3]] = _nibbles(zeros)  # small, and kept as it is by onnxruntime: not stored
+        elif len(node.input) > 3 and node.input[3] in inside:
+            tensor = inside[node.input[3]]
+            zeros = _crumbs(numpy_helper.to_array(tensor).reshape(n, -1))[:, :blocks]
+            tensor.CopyFrom(numpy_helper.from_array(_nibbles(zeros), tensor.name))
         if release is not None:
             release(replaced)
         kept = [a for a in node.attribute if a.name != "bits"]

@@ -171,6 +171,33 @@ def test_widen_2bit_rule_on_a_target_ort_graph():
         RuntimeOptions(widen_2bit="auto")
 
 
+def test_target_ort_file_with_small_zero_points_widens_them_in_the_graph(tmp_path):
+    """A --target ort file with 2-bit zero points of <= 1 KiB (they stay in the graph when loaded):
+    widened at level 0 with the codes (onnxruntime refused the 2-bit-sized zero points before)."""
+    k = 768  # 3 blocks of 256: 2-bit zero points take 1 byte per row, 4-bit ones 2
+    rng = np.random.default_rng(3)
+    codes, scales = rng.integers(0, 4, (N, k), dtype=np.uint8), rng.uniform(0.01, 0.3, GROUPS).astype(np.float32)
+    zeros = rng.integers(0, 4, GROUPS, dtype=np.uint8)
+    node = helper.make_node("QMatMul", ["x", "w", "s", "z"], ["y"], name="fc/QMatMul", domain="qbert_edge",
+                            bits=2, N=N, K=k, groups=GROUPS, layout="dense-le-v1", version=1)
+    graph = helper.make_graph(
+        [node], "qmatmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+        [numpy_helper.from_array(pack(codes, 2), "w"), numpy_helper.from_array(scales, "s"),
+         numpy_helper.from_array(zeros, "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("qbert_edge", 1)],
+                              ir_version=8)
+    path = tmp_path / "m.ort.onnx"
+    onnx.save(to_native(model, widen_2bit=False), str(path))  # 2-bit kept in the file, block 256
+    loaded = load_graph(path)
+    zero_name = next(n for n in loaded.model.graph.node if n.op_type == "MatMulNBits").input[3]
+    assert zero_name not in loaded.weights  # 48 bytes: kept in the graph by the loader
+    x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
+    backend = backends.create("ort", loaded, RuntimeOptions(accuracy_level=0, threads=1))
+    want = kernels.qmatmul(x, pack(codes, 2), scales, zeros, None, bits=2, n=N, k=k, groups=GROUPS)
+    assert rel_err(backend.run({"x": x})["y"], want) <= EXACT_RTOL
+
+
 def test_native_4bit_bytes_follows_the_rule(tmp_path):
     from qbert_edge.runtime.memory import native_4bit_bytes
 
