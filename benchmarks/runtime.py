@@ -177,12 +177,12 @@ def markdown(summary: list[dict], meta: dict) -> str:
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs, {meta['threads']} threads; onnxruntime {meta['onnxruntime']}; "
         f"load average {meta['loadavg_start']} at start, {meta['loadavg_end']} at end (the CPU is shared).  ",
-        "Every figure is a fresh process. Model share = peak RSS (VmHWM) - RSS after importing the runtime; "
-        "of which 'at load' = VmHWM right after loading, 'after runs' = RSS after the runs (both minus the same "
-        "baseline). Ratios are against ORT fp32 of the same model in this run.",
+        ("Every figure is a fresh process. Model share = peak RSS (VmHWM) - RSS after importing the runtime; "
+         "'at load' = VmHWM right after loading, 'after runs' = RSS after the runs (both minus the same "
+         "baseline). Ratios are against ORT fp32 of the same model in this run."),
         "",
-        "| variant | file MB | p50 ms | p90 ms | peak RSS MB | model share MB | share: peak at load | share: after runs "
-        "| file x | latency x | share x | load avg |",
+        ("| variant | file MB | p50 ms | p90 ms | peak RSS MB | model share MB | share: peak at load | "
+         "share: after runs | file x | latency x | share x | load avg |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
