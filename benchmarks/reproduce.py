@@ -27,7 +27,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +147,44 @@ def run_row(row: Row, args) -> dict:
     }
 
 
+def target_checks(done: dict[str, dict]) -> list[str]:
+    """The reproduction's targets, each judged from the rows present (absent rows: no line)."""
+    def acc(key):
+        return 100 * done[key]["accuracy"] if key in done else None
+
+    def verdict(ok):
+        return "met" if ok else "NOT met"
+
+    out, base = [], acc("fp32")
+    if base is None:
+        return out
+    if acc("qbert-w4") is not None:
+        drop = base - acc("qbert-w4")
+        out.append(f"Q-BERT w4 (128 groups): drop {drop:.2f} points (target <= 0.5): {verdict(drop <= 0.5)}")
+    for key in sorted(k for k in done if k.startswith("qbert-mp23")):
+        r = done[key]
+        drop, comp = base - acc(key), r["encoder_compression"]
+        out.append(f"{r['label']}: drop {drop:.2f} points at {comp:.1f}x encoder compression "
+                   f"(target <= 2.5 at >= 10x): {verdict(drop <= 2.5 and comp >= 10)}")
+    for b in (4, 3, 2):
+        q, d = acc(f"qbert-w{b}"), acc(f"directq-w{b}")
+        if q is not None and d is not None:
+            out.append(f"w{b}: Q-BERT {q:.2f} vs DirectQ {d:.2f} (target: Q-BERT better): {verdict(q > d)}")
+    groups = [acc(k) for k in ("qbert-w4-g1", "qbert-w4-g12", "qbert-w4")]
+    if None not in groups:
+        out.append(f"groups at w4: 1 -> {groups[0]:.2f}, 12 -> {groups[1]:.2f}, 128 -> {groups[2]:.2f} "
+                   f"(target 1 < 12 < 128): {verdict(groups[0] < groups[1] < groups[2])}")
+    for suffix in ("", *sorted({k[k.index("@"):] for k in done if "@" in k})):
+        h = acc(f"qbert-mp23{suffix}")
+        for order in ("random", "reversed"):
+            c = acc(f"control-mp23-{order}{suffix}")
+            if h is not None and c is not None:
+                budget = f" ({suffix[1:]} QAT steps)" if suffix else ""
+                out.append(f"Hessian MP 2/3 {h:.2f} vs {order} layers {c:.2f}{budget} (target: Hessian better): "
+                           f"{verdict(h > c)}")
+    return out
+
+
 def render(results: dict) -> str:
     done = {r["key"]: r for r in results["rows"]}
     base = done.get("fp32")
@@ -163,7 +201,8 @@ def render(results: dict) -> str:
     ]
     titles = {"bits": "Bits (paper Tables 1-2)", "groups": "Groups at w4 (paper Table 3)",
               "embeddings": "Embedding bits at w4 (paper Table 4a)", "attention-ffn": "Attention vs feed-forward (paper Table 4b)",
-              "control": "Is the Hessian worth it? MP 2/3 with other layer choices"}
+              "control": "Is the Hessian worth it? MP 2/3 with other layer choices",
+              "budget": "QAT budget: the same rows with more QAT steps"}
     order = {key: i for i, key in enumerate(results.get("planned", []))}
     for table, title in titles.items():
         rows_ = sorted((r for r in results["rows"] if r["table"] == table), key=lambda r: order.get(r["key"], 99))
@@ -176,6 +215,9 @@ def render(results: dict) -> str:
             lines.append(f"| {r['label']} | {100 * r['accuracy']:.2f} | {drop} | {100 * r['macro_f1']:.2f} | "
                          f"{r['encoder_mb']:.2f} | {r['encoder_compression']:.1f}x | {r['weights_mb']:.2f} | {r['avg_encoder_bits']:.2f} |")
         lines.append("")
+    checks = target_checks(done)
+    if checks:
+        lines += ["## Issue targets (computed from the rows above)", ""] + [f"- {c}" for c in checks] + [""]
     missing = [k for k in results.get("planned", []) if k not in done]
     if missing:
         lines += ["## Not run yet", "", ", ".join(missing), ""]
@@ -192,6 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="Forget earlier results.")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--budget-rows", nargs="*", default=[],
+                   help="Also run these QAT rows with --budget-steps steps (table 'QAT budget'; keys KEY@STEPS).")
+    p.add_argument("--budget-steps", type=int, default=None, help="QAT steps of the --budget-rows runs.")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from qbert_edge.fileio import write_json
@@ -219,6 +264,27 @@ def main(argv=None) -> int:
         results["rows"].append(result)
         write_json(RESULTS, results)
         REPORT.write_text(render(results))
+    if args.budget_rows:
+        if not args.budget_steps:
+            p.error("--budget-rows needs --budget-steps")
+        by_key = {r.key: r for r in plan_rows}
+        unknown = [k for k in args.budget_rows if k not in by_key or by_key[k].method != "qat"]
+        if unknown:
+            p.error(f"not QAT rows of this sweep: {', '.join(unknown)}")
+        budget_args = argparse.Namespace(**{**vars(args), "qat_steps": args.budget_steps})
+        done = {r["key"] for r in results["rows"]}
+        for key in args.budget_rows:
+            row = by_key[key]
+            extra = replace(row, key=f"{key}@{args.budget_steps}", table="budget",
+                            label=f"{row.label}, {args.budget_steps} QAT steps")
+            if extra.key in done:
+                continue
+            print(f"== {extra.key}: {extra.label}", flush=True)
+            result = run_row(extra, budget_args)
+            print(f"   accuracy {100 * result['accuracy']:.2f}%  ({result['seconds']:.0f} s)", flush=True)
+            results["rows"].append(result)
+            write_json(RESULTS, results)
+            REPORT.write_text(render(results))
     write_json(RESULTS, results)
     REPORT.write_text(render(results))
     return 0
