@@ -56,7 +56,7 @@ def test_gradgradcheck():
     assert torch.autograd.gradgradcheck(Gelu(), (x,))
     ln = frozen_layer_norm(6)
     y = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    fn = lambda t: _layer_norm_forward(ln, t)  # noqa: E731
+    fn = lambda t: _layer_norm_forward(ln, t)
     assert torch.autograd.gradcheck(fn, (y,))
     assert torch.autograd.gradgradcheck(fn, (y,))
 
