@@ -132,8 +132,8 @@ OUR_ENGINES = ("ort", "ort-custom")
 #: MiniLM's Hessian analysis (committed); its Omega ranking picks the MP plans' high layers
 SENSITIVITY = ROOT / "models" / "minilm-rt" / "sensitivity.json"
 #: measured first, so that a run cut short by ``--time-limit`` still checks the targets
-PRIORITY = ("ort-int8", "ours-mp23", "ours-mp24", "ours-mp23-e2", "ours-mp24-e2", "ort-4b32", "ort-4b128",
-            "ort-4b32-g", "ort-4b128-g", "ort-fp32")
+PRIORITY = ("ort-int8", "ours-mp23-e2", "ours-mp24-e2", "ours-mp23", "ours-mp24", "ort-4b32", "ort-4b128",
+            "ort-4b32-g", "ort-4b128-g", "ort-fp32", "ours-w4", "ours-w3", "ours-w8")
 ALL_VARIANTS = tuple(PEERS + [Variant(k, v.label, "ours", "onnx", OUR_ENGINES) for k, v in OURS.items()])
 
 
@@ -182,12 +182,14 @@ def ensure_reference() -> None:
 
 
 def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: float = 5e-5,
-          high_layers: int = 2) -> tuple[dict[str, Path], dict[str, str]]:
+          high_layers: int = 2, directq: frozenset[str] = frozenset(), until: float | None = None,
+          ) -> tuple[dict[str, Path], dict[str, str]]:
     """The files of ``model`` (``minilm`` or ``bert-base``) for the variants ``keys`` (ORT fp32
     always: the other ONNX peers are made from it), built once in ``workdir``, and a plan note per
-    variant of ours. Ours on MiniLM: QAT for ``qat_steps`` steps at ``lr`` (0: DirectQ), MP high
-    layers by the Hessian (:data:`SENSITIVITY`); on BERT-base (random weights): DirectQ, MP high
-    layers the first half."""
+    variant of ours. Ours on MiniLM: QAT for ``qat_steps`` steps at ``lr`` (0, or a key in
+    ``directq``: DirectQ), MP high layers by the Hessian (:data:`SENSITIVITY`); on BERT-base
+    (random weights): DirectQ, MP high layers the first half. Ours are built in :data:`PRIORITY`
+    order; after the time ``until`` (epoch s) no new one is started (already built ones are used)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if model == "minilm":
         ensure_reference()
@@ -210,13 +212,19 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
     p["torch-fp32"] = torch_module(source, workdir / f"{model}-torch-fp32.pth")
     p["torch-int8"] = torch_module(source, workdir / f"{model}-torch-int8.pth", dynamic_int8=True)
     notes = {}
-    for key, spec in OURS.items():
+    for key in sorted(OURS, key=lambda k: PRIORITY.index(k) if k in PRIORITY else len(PRIORITY)):
         if key not in keys:
             continue
-        plan, notes[key] = ours_plan(spec, shapes, layers, sens, high_layers)
-        name = f"{model}-{key}-{'qat%d' % steps if steps else 'dq'}-{plan_digest(plan, steps, lr)}"
-        pt = quantize_ours(source, workdir / f"{name}.pt", plan, qat_steps=steps, lr=lr)
-        p[key] = export_onnx(pt, workdir / f"{name}.onnx")
+        plan, note = ours_plan(OURS[key], shapes, layers, sens, high_layers)
+        n = 0 if key in directq else steps
+        name = f"{model}-{key}-{'qat%d' % n if n else 'dq'}-{plan_digest(plan, n, lr)}"
+        pt, onnx_path = workdir / f"{name}.pt", workdir / f"{name}.onnx"
+        if until and time.time() > until and not (pt.exists() and onnx_path.exists()):
+            log.warning("build time limit reached: %s %s not built", model, key)
+            continue
+        notes[key] = note + ("; DirectQ" if model == "minilm" and not n else "")
+        quantize_ours(source, pt, plan, qat_steps=n, lr=lr)
+        p[key] = export_onnx(pt, onnx_path)
     return p, notes
 
 
@@ -641,6 +649,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qat-steps", type=int, default=80,
                         help="QAT steps (batch 32) for ours on MiniLM (0: DirectQ); BERT-base is always DirectQ.")
     parser.add_argument("--lr", type=float, default=5e-5, help="QAT learning rate.")
+    parser.add_argument("--directq", nargs="*", default=[], choices=sorted(OURS), metavar="KEY",
+                        help="These of ours DirectQ on MiniLM too (labelled in the table).")
+    parser.add_argument("--build-limit", type=float, default=0,
+                        help="Start no new model of ours this many seconds after the start (0: no limit).")
+    parser.add_argument("--build-threads", type=int, default=0,
+                        help="torch threads while building (0: torch's default); 1 is faster on a busy machine.")
     parser.add_argument("--high-layers", type=int, default=2,
                         help="MiniLM MP plans: this many layers, the top by Hessian Omega, get the higher width.")
     parser.add_argument("--idle-load", type=float, default=1.5)
@@ -657,6 +671,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.time()
     args.deadline = started + args.time_limit if args.time_limit else None
+    if args.build_threads:
+        import torch
+
+        torch.set_num_threads(args.build_threads)
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [v for v in ALL_VARIANTS if not args.only or any(s in v.key for s in args.only)]
     start_load = round(os.getloadavg()[0], 2)
@@ -668,7 +686,9 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("deadline reached: %s not built or measured", model)
             continue
         t0 = time.time()
-        paths, notes[model] = build(model, args.workdir, {v.key for v in variants}, args.qat_steps, args.lr, args.high_layers)
+        paths, notes[model] = build(model, args.workdir, {v.key for v in variants}, args.qat_steps, args.lr,
+                                    args.high_layers, frozenset(args.directq),
+                                    started + args.build_limit if args.build_limit else None)
         paths = {k: p for k, p in paths.items() if any(v.key == k for v in variants)}
         t1 = time.time()
         acc = {}
@@ -698,9 +718,10 @@ def main(argv: list[str] | None = None) -> None:
         "loadavg_start": start_load, "loadavg_end": round(os.getloadavg()[0], 2),
         "idle_load": args.idle_load, "max_wait": args.max_wait, "repeats": args.repeats, "runs": args.runs,
         "ours_method": {
-            "minilm": (f"QAT {args.qat_steps} steps of batch 32 at lr {args.lr:g} on rt:train (max length 64), "
-                       "from the same fp32 classifier as the peers") if args.qat_steps
-                      else "DirectQ (64 calibration sentences, no training)",
+            "minilm": ((f"QAT {args.qat_steps} steps of batch 32 at lr {args.lr:g} on rt:train (max length 64), "
+                        "from the same fp32 classifier as the peers")
+                       + (f", except {', '.join(args.directq)}: DirectQ (64 calibration sentences)" if args.directq else ""))
+                      if args.qat_steps else "DirectQ (64 calibration sentences, no training)",
             "bert-base": "DirectQ (64 calibration sentences; random weights, sizes and speed only)"},
         "sensitivity": str(SENSITIVITY.relative_to(ROOT)), "high_layers": args.high_layers,
         "ranking": json.loads(SENSITIVITY.read_text())["ranking"], "plans": notes, "phases_s": phases,
