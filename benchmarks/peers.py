@@ -583,6 +583,8 @@ def markdown(rows: list[dict], meta: dict, pngs: list[str], img_dir: str = "") -
         "# Benchmark against peers: onnxruntime's quantizers and PyTorch" + (" (PARTIAL RUN)" if meta["partial"] else ""),
         "",
         f"Command: `{meta['command']}` ({meta['date']}, {meta['seconds']:.0f} s)  ",
+        *[f"Rows of {', '.join(e['models'])} from an earlier run: `{e['command']}` ({e['date']}, {e['seconds']} s, "
+          f"load at start {e['loadavg_start']}, commit {(e.get('git') or {}).get('commit')})  " for e in meta.get("earlier", [])],
         (f"Machine: {meta['machine']}, {meta['cpus']} CPUs, {meta['threads']} threads per model, {meta['mem_gb']} GB RAM; "
          f"Python {meta['python']}, onnxruntime {meta['onnxruntime']}, torch {meta['torch']}.  "),
         (f"Load average (1 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; each figure waited up to "
@@ -640,6 +642,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="Redraw the table and plots from --out/peers.json.")
     parser.add_argument("--quick", action="store_true", help="MiniLM only, 1 repeat, 5 runs, no waiting for idle")
     parser.add_argument("--skip-bert-base", action="store_true")
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--append", action="store_true",
+                        help="Keep the rows of the models this run skips from --out/peers.json (their command is listed).")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--only", nargs="*", help="Only the variants whose key contains one of these.")
     parser.add_argument("--runs", type=int, default=10, help="Timed runs per process (ort-custom: a fifth).")
@@ -681,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     phases: dict[str, dict] = {}
     notes: dict[str, dict] = {}
-    for model in ("minilm",) + (() if args.skip_bert_base else ("bert-base",)):
+    for model in (() if args.skip_minilm else ("minilm",)) + (() if args.skip_bert_base else ("bert-base",)):
         if args.deadline and time.time() > args.deadline:
             log.warning("deadline reached: %s not built or measured", model)
             continue
@@ -709,6 +714,18 @@ def main(argv: list[str] | None = None) -> None:
     from qbert_edge.fileio import write_json
 
     full = sum(len(v.engines) for v in ALL_VARIANTS) * 2
+    earlier, old_meta = [], {}
+    if args.append and (args.out / "peers.json").is_file():
+        old = json.loads((args.out / "peers.json").read_text())
+        mine = {r["model"] for r in rows} | set(phases)
+        kept = [r for r in old["rows"] if r["model"] not in mine]
+        old_meta = old["meta"]
+        if kept:
+            earlier = old_meta.get("earlier", []) + [{
+                "command": old_meta["command"], "date": old_meta["date"], "seconds": round(old_meta["seconds"]),
+                "models": sorted({r["model"] for r in kept}), "loadavg_start": old_meta["loadavg_start"],
+                "git": old_meta.get("git")}]
+        rows = kept + rows
     meta = {
         "command": "python benchmarks/peers.py " + " ".join(argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "seconds": time.time() - started,
@@ -724,10 +741,14 @@ def main(argv: list[str] | None = None) -> None:
                       if args.qat_steps else "DirectQ (64 calibration sentences, no training)",
             "bert-base": "DirectQ (64 calibration sentences; random weights, sizes and speed only)"},
         "sensitivity": str(SENSITIVITY.relative_to(ROOT)), "high_layers": args.high_layers,
-        "ranking": json.loads(SENSITIVITY.read_text())["ranking"], "plans": notes, "phases_s": phases,
-        "git": git_state(),
+        "ranking": json.loads(SENSITIVITY.read_text())["ranking"],
+        "plans": {**old_meta.get("plans", {}), **notes}, "phases_s": {**old_meta.get("phases_s", {}), **phases},
+        "git": git_state(), "earlier": earlier,
         "partial": len(rows) < full, "rows_measured": len(rows), "rows_full_run": full,
     }
+    for e in earlier:  # the kept rows were made as their own run said
+        for m in e["models"]:
+            meta["ours_method"][m] = _methods(old_meta).get(m, meta["ours_method"].get(m))
     write_json(args.out / "peers.json", {"format": FORMAT, "version": VERSION, "meta": meta, "rows": rows})
     write_report(rows, meta, args)
 
