@@ -225,6 +225,8 @@ def render(results: dict) -> str:
     checks = target_checks(done)
     if checks:
         lines += ["## Issue targets (computed from the rows above)", ""] + [f"- {c}" for c in checks] + [""]
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     missing = [k for k in results.get("planned", []) if k not in done]
     if missing:
         lines += ["## Not run yet", "", ", ".join(missing), ""]
