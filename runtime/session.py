@@ -175,21 +175,28 @@ class Session:
             log.warning("%d text(s) longer than %d tokens were truncated", enc.truncated, self.max_length)
         return {k: v for k, v in enc.arrays.items() if k in self.input_names}
 
+    def _batched(self, output: str, texts: Sequence[str], pairs: Sequence[str] | None, batch_size: int,
+                 missing: str, verb: str):
+        """``(feeds, outputs[output])`` for ``batch_size`` texts at a time; ``missing`` explains an absent output."""
+        if self.info is None:
+            raise QbertEdgeError(f"{self.path}: has no qbert-edge metadata (tokenizer, labels); export it with qbert-edge export")
+        if output not in self.output_names:
+            raise QbertEdgeError(f"{self.path}: {missing}")
+        texts = list(texts)
+        pairs = None if pairs is None else list(pairs)
+        if not texts:
+            raise QbertEdgeError(f"no texts to {verb}")
+        for start in range(0, len(texts), batch_size):
+            chunk_pairs = None if pairs is None else pairs[start:start + batch_size]
+            feeds = self.encode(texts[start:start + batch_size], chunk_pairs)
+            yield feeds, self.run(feeds)[output]
+
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
                batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """float32 ``[len(texts), classes]`` logits, computed ``batch_size`` texts at a time."""
-        if self.info is None:
-            raise QbertEdgeError(f"{self.path}: has no qbert-edge metadata (tokenizer, labels); export it with qbert-edge export")
-        if "logits" not in self.output_names:
-            raise QbertEdgeError(f"{self.path}: is a bare encoder (no logits output); use embed() for sentence vectors")
-        texts = list(texts)
-        if not texts:
-            raise QbertEdgeError("no texts to classify")
-        out = []
-        for start in range(0, len(texts), batch_size):
-            chunk_pairs = None if pairs is None else list(pairs)[start:start + batch_size]
-            feeds = self.encode(texts[start:start + batch_size], chunk_pairs)
-            out.append(self.run(feeds)["logits"])
+        out = [logits for _, logits in self._batched(
+            "logits", texts, pairs, batch_size,
+            "is a bare encoder (no logits output); use embed() for sentence vectors", "classify")]
         return np.concatenate(out, axis=0).astype(np.float32, copy=False)
 
     @property
@@ -204,20 +211,11 @@ class Session:
         the pooling all-MiniLM-L6-v2 (sentence-transformers) was trained with, so cosine similarity
         is a dot product.
         """
-        if self.info is None:
-            raise QbertEdgeError(f"{self.path}: has no qbert-edge metadata (tokenizer, labels); export it with qbert-edge export")
-        if "last_hidden_state" not in self.output_names:
-            raise QbertEdgeError(f"{self.path}: has no last_hidden_state output to pool")
-        texts = list(texts)
-        if not texts:
-            raise QbertEdgeError("no texts to embed")
         out = []
-        for start in range(0, len(texts), batch_size):
-            chunk_pairs = None if pairs is None else list(pairs)[start:start + batch_size]
-            feeds = self.encode(texts[start:start + batch_size], chunk_pairs)
-            hidden = self.run(feeds)["last_hidden_state"].astype(np.float64)
+        for feeds, hidden in self._batched("last_hidden_state", texts, pairs, batch_size,
+                                           "has no last_hidden_state output to pool", "embed"):
             mask = feeds["attention_mask"][..., None].astype(np.float64)
-            mean = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+            mean = (hidden.astype(np.float64) * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
             out.append(mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12))
         return np.concatenate(out, axis=0).astype(np.float32)
 
