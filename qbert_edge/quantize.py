@@ -4,7 +4,9 @@ Both end the same way: activation ranges observed, integer codes frozen, and a
 :class:`~qbert_edge.checkpoint.LoadedModel` that :func:`~qbert_edge.checkpoint.save_quantized`
 writes as ``model.pt``. DirectQ only calibrates the activation ranges on a few batches; QAT
 first calibrates, then fine-tunes the latent fp32 weights through the straight-through
-estimator (:func:`qbert_edge.train.fine_tune`), then freezes.
+estimator (:func:`qbert_edge.train.fine_tune`), then freezes. With ``distill`` the QAT loss
+also distils from an fp32 copy of the model taken before quantization (:mod:`qbert_edge.distill`;
+beyond Q-BERT, the recipe of TernaryBERT/BinaryBERT).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Iterable, Mapping
 import torch
 
 from qbert_edge.checkpoint import LoadedModel
+from qbert_edge.distill import DistillConfig
 from qbert_edge.plan import Plan
 from qbert_edge.qmodel import calibrate, freeze, quantize_model
 
@@ -45,11 +48,18 @@ def qat_quantize(
     checkpoint_dir=None,
     max_steps: int | None = None,
     progress: bool = True,
+    distill: DistillConfig | None = None,
 ) -> LoadedModel:
-    """Q-BERT QAT: fake-quantize with ``plan``, fine-tune on ``dataset``, freeze the codes."""
+    """Q-BERT QAT: fake-quantize with ``plan``, fine-tune on ``dataset``, freeze the codes.
+
+    ``distill``: the teacher is ``loaded.model`` as it is on entry (fp32), copied before
+    quantization; the settings land in ``meta["distill"]`` (``None`` without distillation)."""
+    import copy
+
     from qbert_edge.data import torch_batches
     from qbert_edge.train import fine_tune
 
+    teacher = copy.deepcopy(loaded.model).eval() if distill is not None else None
     quantize_model(loaded.model, plan)
     if plan.activation_bits:
         batches = torch_batches(dataset, loaded.tokenizer, batch_size, max_length, shuffle=True, seed=seed)
@@ -66,7 +76,11 @@ def qat_quantize(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         max_steps=max_steps,
+        teacher=teacher,
+        distill=distill,
     )
+    del teacher
     freeze(loaded.model)
-    meta = {**loaded.meta, "method": "qat", "source": loaded.name, "training": result.to_dict()}
+    meta = {**loaded.meta, "method": "qat", "source": loaded.name, "training": result.to_dict(),
+            "distill": None if distill is None else {"teacher": f"{loaded.name} (fp32)", **distill.to_dict()}}
     return replace(loaded, plan=plan, max_length=max_length, meta=meta)

@@ -4,8 +4,9 @@
 same seed, data and thread count give the same weights. It takes any ``nn.Module`` whose
 forward accepts ``input_ids``, ``attention_mask``, ``token_type_ids`` and ``labels`` and returns
 an object with ``.loss`` (a ``BertForSequenceClassification``, or the same model with its
-Linear layers replaced by quantization modules for QAT). :func:`evaluate_torch` returns
-accuracy, macro-F1 and the logits.
+Linear layers replaced by quantization modules for QAT). With a ``teacher`` model it distils
+(:mod:`qbert_edge.distill`: the loss mixes the teacher's softened logits with the labels).
+:func:`evaluate_torch` returns accuracy, macro-F1 and the logits.
 
 This module does not build, quantize or save models (other than per-epoch checkpoints of the
 weights); ``qbert_edge.reference`` makes the reference classifier with it.
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from qbert_edge.data import Dataset, torch_batches
+from qbert_edge.distill import DistillConfig, distillation_loss
 from qbert_edge.errors import QbertEdgeError
 from qbert_edge.fileio import atomic_path
 from qbert_edge.runtime.metrics import Metrics, score_logits
@@ -46,6 +48,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
     max_steps: int | None = None
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -130,6 +133,8 @@ def fine_tune(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    teacher: torch.nn.Module | None = None,
+    distill: DistillConfig | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``dataset``; the model is left in eval mode.
 
@@ -137,8 +142,17 @@ def fine_tune(
     fixes dropout. ``max_steps`` stops early (the LR schedule is laid out over the steps actually
     run). With ``checkpoint_dir``, the weights are saved after each epoch as
     ``epoch-<n>.safetensors`` (metadata: format, version, epoch, step).
+
+    With a ``teacher`` (a classifier of the same labels, run in eval mode under ``no_grad``; its
+    weights and mode are left as they were) the loss is :func:`~qbert_edge.distill.distillation_loss`
+    with ``distill`` (default :class:`~qbert_edge.distill.DistillConfig`); ``alpha = 0`` trains
+    exactly as without a teacher.
     """
-    config = TrainConfig(epochs, lr, batch_size, max_length, seed, warmup, weight_decay, max_grad_norm, max_steps)
+    if distill is not None and teacher is None:
+        raise QbertEdgeError("distillation settings given without a teacher model")
+    if teacher is not None and distill is None:
+        distill = DistillConfig()
+    config = TrainConfig(epochs, lr, batch_size, max_length, seed, warmup, weight_decay, max_grad_norm, max_steps, distill)
     if len(dataset) == 0:
         raise QbertEdgeError(f"data {dataset.name}: no examples to train on")
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
@@ -161,6 +175,9 @@ def fine_tune(
     checkpoints: list[Path] = []
     step = 0
     start = time.perf_counter()
+    teacher_was_training = teacher.training if teacher is not None else False
+    if teacher is not None:
+        teacher.eval()
     model.train()
     try:
         for epoch in range(epochs):
@@ -168,6 +185,10 @@ def fine_tune(
             for batch in torch_batches(dataset, tokenizer, batch_size, max_length, shuffle=True, seed=seed + epoch):
                 out = model(**batch)
                 loss = out.loss
+                if teacher is not None and loss is not None:
+                    with torch.no_grad():
+                        soft = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                    loss = distillation_loss(out.logits, soft, batch["labels"], distill, ce=loss)
                 if loss is None or not torch.isfinite(loss):
                     raise QbertEdgeError(f"fine-tuning diverged at step {step + 1}: loss is {loss}; try a lower --lr")
                 optimizer.zero_grad(set_to_none=True)
@@ -194,6 +215,8 @@ def fine_tune(
     finally:
         bar.close()
         model.eval()
+        if teacher is not None:
+            teacher.train(teacher_was_training)
     return TrainResult(config, step, tuple(losses), tuple(epoch_losses), time.perf_counter() - start, tuple(checkpoints))
 
 

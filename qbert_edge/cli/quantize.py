@@ -24,19 +24,25 @@ from qbert_edge.errors import QbertEdgeError
 @click.option("--max-length", type=click.IntRange(2), default=64, show_default=True)
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop QAT after this many steps.")
 @click.option("--calib-size", type=click.IntRange(1), default=256, show_default=True, help="Sentences that set the activation ranges (DirectQ).")
+@click.option("--distill", is_flag=True, help="QAT distils from the fp32 MODEL (teacher): KL on softened logits + CE.")
+@click.option("--distill-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Weight of the distillation term (with --distill).")
+@click.option("--distill-temperature", type=click.FloatRange(0, min_open=True), default=2.0, show_default=True, help="Softmax temperature (with --distill).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write model.pt.")
 def command(model, plan_path, bits, groups, embedding_bits, symmetric, direct, data, epochs, lr, batch_size,
-            max_length, max_steps, calib_size, seed, output) -> None:
+            max_length, max_steps, calib_size, distill, distill_alpha, distill_temperature, seed, output) -> None:
     """Quantize MODEL (minilm, minilm-rt, a transformers directory or a state dict) -> model.pt.
 
     \b
     Examples:
       qbert-edge quantize minilm --bits 4 --direct -o minilm-w4.pt
       qbert-edge quantize minilm-rt --plan plan.json --data rt:train -o model.pt
+      qbert-edge quantize minilm-rt --bits 4 --embedding-bits 4 --distill -o model.pt
     """
     if (plan_path is None) == (bits is None):
         raise QbertEdgeError("give exactly one of --plan plan.json or --bits B")
+    if distill and direct:
+        raise QbertEdgeError("--distill trains, --direct does not: give one of them")
     output = Path(output)
     if str(output) == str(model) or (Path(model).exists() and output.resolve() == Path(model).resolve()):
         raise QbertEdgeError(f"{output}: refusing to overwrite the input model")
@@ -47,6 +53,7 @@ def command(model, plan_path, bits, groups, embedding_bits, symmetric, direct, d
 
     from qbert_edge.checkpoint import save_quantized
     from qbert_edge.data import load_data, subsets, torch_batches
+    from qbert_edge.distill import DistillConfig
     from qbert_edge.loading import load_model
     from qbert_edge.plan import Plan, uniform_plan
     from qbert_edge.qmodel import quantizable_shapes
@@ -69,8 +76,10 @@ def command(model, plan_path, bits, groups, embedding_bits, symmetric, direct, d
         result = qat_quantize(
             loaded, plan, dataset, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
             seed=seed, max_steps=max_steps,
+            distill=DistillConfig(distill_alpha, distill_temperature) if distill else None,
         )
     result.meta["data"] = data_spec
     save_quantized(result, output)
     avg = plan.weight_bits(quantizable_shapes(result.model))
-    click.echo(f"wrote {output} ({result.meta['method']}, {len(plan.modules)} modules, {avg:.2f} bits/weight in the encoder)")
+    how = result.meta["method"] + (f", distilled alpha {distill_alpha:g} T {distill_temperature:g}" if distill else "")
+    click.echo(f"wrote {output} ({how}, {len(plan.modules)} modules, {avg:.2f} bits/weight in the encoder)")
