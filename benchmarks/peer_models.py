@@ -124,22 +124,28 @@ def torch_module(source: str | Path, out: Path, dynamic_int8: bool = False) -> P
     return out
 
 
-def plan_digest(plan, qat_steps: int = 0, lr: float = 0.0) -> str:
+def plan_digest(plan, qat_steps: int = 0, lr: float = 0.0, distill=None) -> str:
     """8 hex digits naming a plan's numbers (bits, groups, symmetric of every module; activation
-    bits) and the method (``qat_steps``, ``lr``): a cached file is reused only for the same ones."""
+    bits) and the method (``qat_steps``, ``lr``, the distillation settings ``distill``, a
+    :class:`qbert_edge.distill.DistillConfig` or ``None``): a cached file is reused only for the
+    same ones. Without distillation the digest is the one files made before it existed carry."""
     import hashlib
     import json
 
     numbers = {name: [q.bits, q.groups, q.symmetric] for name, q in plan.modules.items()}
-    text = json.dumps([numbers, plan.activation_bits, qat_steps, lr if qat_steps else 0.0], sort_keys=True)
+    method = [qat_steps, lr if qat_steps else 0.0]
+    if distill is not None and qat_steps:
+        method += [distill.alpha, distill.temperature]
+    text = json.dumps([numbers, plan.activation_bits, *method], sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: float = 5e-5) -> Path:
+def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: float = 5e-5, distill=None) -> Path:
     """qbert-edge with ``plan`` (a :class:`qbert_edge.plan.Plan`, checked against the model):
     DirectQ calibrated on 64 Rotten Tomatoes sentences, or QAT for ``qat_steps`` steps of batch 32
-    at ``lr`` on ``rt:train`` (max length 64, as ``benchmarks/reproduce.py``) when ``qat_steps`` > 0.
-    Writes a ``model.pt``."""
+    at ``lr`` on ``rt:train`` (max length 64, as ``benchmarks/reproduce.py``) when ``qat_steps`` > 0,
+    distilled from the fp32 ``source`` with ``distill`` (a :class:`qbert_edge.distill.DistillConfig`)
+    if given. Writes a ``model.pt``."""
     tmp = _fresh(out)
     if tmp is not None:
         from qbert_edge.checkpoint import save_quantized
@@ -154,8 +160,9 @@ def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: f
         scheme = plan.meta.get("scheme", "?")
         t0 = time.perf_counter()
         if qat_steps > 0:
-            log.info("QAT %s, %d steps at lr %g -> %s", scheme, qat_steps, lr, out.name)
-            result = qat_quantize(loaded, plan, train, max_steps=qat_steps, lr=lr, progress=False)
+            kd = f", distilled (alpha {distill.alpha:g}, T {distill.temperature:g})" if distill is not None else ""
+            log.info("QAT %s, %d steps at lr %g%s -> %s", scheme, qat_steps, lr, kd, out.name)
+            result = qat_quantize(loaded, plan, train, max_steps=qat_steps, lr=lr, progress=False, distill=distill)
         else:
             log.info("DirectQ %s -> %s", scheme, out.name)
             calib = subsets(train, 1, 64 / len(train), 0)[0]

@@ -12,9 +12,12 @@ in ``--workdir`` (see ``peer_models.py``):
   ``MatMulNBitsQuantizer`` 4-bit block 32 and 128 with and without ``GatherBlockQuantized``
   embeddings, PyTorch fp32 and PyTorch ``quantize_dynamic`` int8 (``nn.Linear``), all from the
   same fp32 model;
-- ours (:data:`OURS`): w8, w4, w3 (128 groups), 2/3 MP and 2/4 MP with 8-bit embeddings, and
+- ours (:data:`OURS`): w8, w4, w3 (128 groups), 2/3 MP and 2/4 MP with 8-bit embeddings,
   2/3 MP and 2/4 MP with 2-bit word embeddings (the only way to a file 3x smaller than ORT int8:
-  MiniLM's 8-bit word table alone is half of it); activations 8 bits. On MiniLM the MP plans give
+  MiniLM's 8-bit word table alone is half of it), and w4 with 4-bit word embeddings (against
+  ORT's 4-bit + ``GatherBlockQuantized`` files); activations 8 bits. ``--distill`` makes every
+  QAT row distil from the fp32 classifier (:mod:`qbert_edge.distill`; beyond Q-BERT);
+  ``--steps-for KEY=N`` gives one variant its own QAT budget. On MiniLM the MP plans give
   the higher width to the ``--high-layers`` layers with the largest Hessian Omega
   (``models/minilm-rt/sensitivity.json``, as ``qbert-edge allocate``) and are trained with
   ``--qat-steps`` steps of QAT at ``--lr`` (default 80 at 5e-5, the budget of
@@ -121,6 +124,8 @@ class Ours:
 OURS = {
     "ours-w8": Ours("ours w8", 8),
     "ours-w4": Ours("ours w4/128 groups", 4),
+    # 4-bit word embeddings (~0.2 pt in the reproduction): ~12.1 MB, under ORT's 4-bit + GatherBQ files
+    "ours-w4-e4": Ours("ours w4/128 groups + 4-bit word emb.", 4, word_bits=4),
     "ours-w3": Ours("ours w3", 3),
     "ours-mp23": Ours("ours 2/3 MP", 2, 3),
     "ours-mp24": Ours("ours 2/4 MP", 2, 4),
@@ -132,8 +137,8 @@ OUR_ENGINES = ("ort", "ort-custom")
 #: MiniLM's Hessian analysis (committed); its Omega ranking picks the MP plans' high layers
 SENSITIVITY = ROOT / "models" / "minilm-rt" / "sensitivity.json"
 #: measured first, so that a run cut short by ``--time-limit`` still checks the targets
-PRIORITY = ("ort-int8", "ours-mp23-e2", "ours-mp24-e2", "ours-mp23", "ours-mp24", "ort-4b32", "ort-4b128",
-            "ort-4b32-g", "ort-4b128-g", "ort-fp32", "ours-w4", "ours-w3", "ours-w8")
+PRIORITY = ("ort-int8", "ours-mp23-e2", "ours-mp24-e2", "ours-w4-e4", "ours-mp23", "ours-mp24", "ort-4b32",
+            "ort-4b128", "ort-4b32-g", "ort-4b128-g", "ort-fp32", "ours-w4", "ours-w3", "ours-w8")
 ALL_VARIANTS = tuple(PEERS + [Variant(k, v.label, "ours", "onnx", OUR_ENGINES) for k, v in OURS.items()])
 
 
@@ -183,13 +188,16 @@ def ensure_reference() -> None:
 
 def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: float = 5e-5,
           high_layers: int = 2, directq: frozenset[str] = frozenset(), until: float | None = None,
+          distill=None, steps_for: dict[str, int] | None = None,
           ) -> tuple[dict[str, Path], dict[str, str]]:
     """The files of ``model`` (``minilm`` or ``bert-base``) for the variants ``keys`` (ORT fp32
     always: the other ONNX peers are made from it), built once in ``workdir``, and a plan note per
     variant of ours. Ours on MiniLM: QAT for ``qat_steps`` steps at ``lr`` (0, or a key in
     ``directq``: DirectQ), MP high layers by the Hessian (:data:`SENSITIVITY`); on BERT-base
     (random weights): DirectQ, MP high layers the first half. Ours are built in :data:`PRIORITY`
-    order; after the time ``until`` (epoch s) no new one is started (already built ones are used)."""
+    order; after the time ``until`` (epoch s) no new one is started (already built ones are used).
+    ``steps_for`` overrides ``qat_steps`` per key; ``distill`` (a
+    :class:`qbert_edge.distill.DistillConfig`) makes every QAT row distil from the fp32 model."""
     workdir.mkdir(parents=True, exist_ok=True)
     if model == "minilm":
         ensure_reference()
@@ -216,14 +224,17 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
         if key not in keys:
             continue
         plan, note = ours_plan(OURS[key], shapes, layers, sens, high_layers)
-        n = 0 if key in directq else steps
-        name = f"{model}-{key}-{'qat%d' % n if n else 'dq'}-{plan_digest(plan, n, lr)}"
+        n = 0 if key in directq or model != "minilm" else (steps_for or {}).get(key, steps)
+        kd = distill if n else None
+        name = f"{model}-{key}-{'qat%d' % n if n else 'dq'}{'kd' if kd else ''}-{plan_digest(plan, n, lr, kd)}"
         pt, onnx_path = workdir / f"{name}.pt", workdir / f"{name}.onnx"
         if until and time.time() > until and not (pt.exists() and onnx_path.exists()):
             log.warning("build time limit reached: %s %s not built", model, key)
             continue
-        notes[key] = note + ("; DirectQ" if model == "minilm" and not n else "")
-        quantize_ours(source, pt, plan, qat_steps=n, lr=lr)
+        notes[key] = note + ("; DirectQ" if model == "minilm" and not n else "") + (
+            f"; QAT {n} steps" if n and n != steps else "") + (
+            f"; distilled (alpha {kd.alpha:g}, T {kd.temperature:g})" if kd else "")
+        quantize_ours(source, pt, plan, qat_steps=n, lr=lr, distill=kd)
         p[key] = export_onnx(pt, onnx_path)
     return p, notes
 
@@ -658,6 +669,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qat-steps", type=int, default=80,
                         help="QAT steps (batch 32) for ours on MiniLM (0: DirectQ); BERT-base is always DirectQ.")
     parser.add_argument("--lr", type=float, default=5e-5, help="QAT learning rate.")
+    parser.add_argument("--steps-for", nargs="*", default=[], metavar="KEY=N",
+                        help="QAT steps for these of ours on MiniLM instead of --qat-steps (e.g. ours-w4-e4=240).")
+    parser.add_argument("--distill", action="store_true",
+                        help="Every QAT row of ours distils from the fp32 classifier (KL on softened logits + CE).")
+    parser.add_argument("--distill-alpha", type=float, default=0.5, help="Weight of the distillation term.")
+    parser.add_argument("--distill-temperature", type=float, default=2.0, help="Distillation softmax temperature.")
     parser.add_argument("--directq", nargs="*", default=[], choices=sorted(OURS), metavar="KEY",
                         help="These of ours DirectQ on MiniLM too (labelled in the table).")
     parser.add_argument("--build-limit", type=float, default=0,
@@ -671,6 +688,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-limit", type=float, default=3300,
                         help="Stop measuring this many seconds after the start (partial run; 0: no limit).")
     args = parser.parse_args(argv)
+    args.steps_for = parse_steps_for(args.steps_for)
+    if args.distill:
+        from qbert_edge.distill import DistillConfig
+
+        args.distill = DistillConfig(args.distill_alpha, args.distill_temperature)
+    else:
+        args.distill = None
     if args.report_only:
         data = json.loads((args.out / "peers.json").read_text())
         write_report(data["rows"], data["meta"], args)
@@ -697,7 +721,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.time()
         paths, notes[model] = build(model, args.workdir, {v.key for v in variants}, args.qat_steps, args.lr,
                                     args.high_layers, frozenset(args.directq),
-                                    started + args.build_limit if args.build_limit else None)
+                                    started + args.build_limit if args.build_limit else None,
+                                    args.distill, args.steps_for)
         paths = {k: p for k, p in paths.items() if any(v.key == k for v in variants)}
         t1 = time.time()
         acc = {}
@@ -741,8 +766,12 @@ def main(argv: list[str] | None = None) -> None:
         "ours_method": {
             "minilm": ((f"QAT {args.qat_steps} steps of batch 32 at lr {args.lr:g} on rt:train (max length 64), "
                         "from the same fp32 classifier as the peers")
+                       + (f" (steps per variant: {', '.join(f'{k} {n}' for k, n in args.steps_for.items())})"
+                          if args.steps_for else "")
+                       + (f", distilled from it (KL on logits at T {args.distill.temperature:g}, weight "
+                          f"{args.distill.alpha:g}, + CE)" if args.distill else "")
                        + (f", except {', '.join(args.directq)}: DirectQ (64 calibration sentences)" if args.directq else ""))
-                      if args.qat_steps else "DirectQ (64 calibration sentences, no training)",
+                      if args.qat_steps or args.steps_for else "DirectQ (64 calibration sentences, no training)",
             "bert-base": "DirectQ (64 calibration sentences; random weights, sizes and speed only)"},
         "sensitivity": str(SENSITIVITY.relative_to(ROOT)), "high_layers": args.high_layers,
         "ranking": json.loads(SENSITIVITY.read_text())["ranking"],
@@ -755,6 +784,17 @@ def main(argv: list[str] | None = None) -> None:
             meta["ours_method"][m] = _methods(old_meta).get(m, meta["ours_method"].get(m))
     write_json(args.out / "peers.json", {"format": FORMAT, "version": VERSION, "meta": meta, "rows": rows})
     write_report(rows, meta, args)
+
+
+def parse_steps_for(items: list[str]) -> dict[str, int]:
+    """``["ours-w4-e4=240"] -> {"ours-w4-e4": 240}``; a key not in :data:`OURS` or a bad count is an error."""
+    out = {}
+    for item in items:
+        key, _, n = item.partition("=")
+        if key not in OURS or not n.isdigit():
+            raise QbertEdgeError(f"--steps-for {item}: expected KEY=N with KEY one of {', '.join(OURS)}")
+        out[key] = int(n)
+    return out
 
 
 def git_state() -> dict:

@@ -137,3 +137,27 @@ def test_speed_lines_say_by_how_much_and_why(peers):
     w8 = next(line for line in lines if line.startswith("| ours-w8 "))
     assert "2.0x faster" in w8 and "widened" not in w8 and "MatMulNBits 8-bit" in w8
     assert "100.0x slower" in next(line for line in lines if line.startswith("| ours-w4 "))
+
+
+def test_plan_digest_names_the_distillation(peers):
+    from peer_models import plan_digest
+
+    from qbert_edge.distill import DistillConfig
+
+    a, _ = peers.ours_plan(peers.OURS["ours-w4-e4"], _shapes(2), 2, None)
+    assert a.modules["embeddings.word_embeddings"].bits == 4 and a.modules["embeddings.position_embeddings"].bits == 8
+    plain = plan_digest(a, 240, 5e-5)
+    assert plan_digest(a, 240, 5e-5, None) == plain  # files made before distillation keep their names
+    kd = {plan_digest(a, 240, 5e-5, DistillConfig(0.5, 2.0)), plan_digest(a, 240, 5e-5, DistillConfig(0.9, 2.0)),
+          plan_digest(a, 240, 5e-5, DistillConfig(0.5, 4.0))}
+    assert len(kd) == 3 and plain not in kd
+    assert plan_digest(a, 0, 5e-5, DistillConfig()) == plan_digest(a)  # DirectQ does not distil
+
+
+def test_steps_for(peers):
+    from qbert_edge.errors import QbertEdgeError
+
+    assert peers.parse_steps_for(["ours-w4-e4=240", "ours-w8=0"]) == {"ours-w4-e4": 240, "ours-w8": 0}
+    for bad in ("ours-w5=10", "ours-w4", "ours-w4=x"):
+        with pytest.raises(QbertEdgeError, match="--steps-for"):
+            peers.parse_steps_for([bad])
