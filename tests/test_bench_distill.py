@@ -1,0 +1,54 @@
+"""benchmarks/distill.py: the pure parts (run specs, target checks, report); no model is built."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def distill():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "benchmarks" / "distill.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_specs(distill):
+    from qbert_edge.errors import QbertEdgeError
+
+    assert distill.parse_spec("ours-w4-e4:240:kd") == ("ours-w4-e4", 240, True)
+    assert distill.parse_spec("ours-mp24-e2:80") == ("ours-mp24-e2", 80, False)
+    for bad in ("ours-w4-e4", "ours-w5:10", "ours-w4:0", "ours-w4:10:xx", "ours-w4:ten"):
+        with pytest.raises(QbertEdgeError, match="run spec"):
+            distill.parse_spec(bad)
+
+
+def _row(key, acc, mb, kd=True):
+    return {"key": key, "label": key, "qat_steps": 240, "lr": 5e-5, "accuracy": acc, "file_mb": mb, "file": key,
+            "distill": {"alpha": 0.5, "temperature": 2.0} if kd else None, "training": None, "command": "c",
+            "peers_flags": "--qat-steps 240"}
+
+
+REFS = {"ort-int8": {"accuracy": 0.816, "file_mb": 23.3}, "ort-4b32-g": {"accuracy": 0.820, "file_mb": 15.0},
+        "ort-4b128-g": {"accuracy": 0.811, "file_mb": 12.6}}
+
+
+def test_targets(distill):
+    lines = distill.targets([_row("ours-w4-e4", 0.815, 12.1), _row("ours-mp24-e2", 0.817, 7.4, kd=False),
+                             _row("ours-mp23-e2", 0.817, 8.0)], REFS)
+    assert "ort-4b32-g (15.0 MB, 0.820): no" in lines[0] and "ort-4b128-g (12.6 MB, 0.811): yes" in lines[0]
+    assert "3.15x smaller" in lines[1] and "MET" in lines[1] and "plain QAT" in lines[1]
+    assert "not met" in lines[2]  # accurate enough but 2.91x
+
+
+def test_markdown_lists_rows_and_peers_flags(distill):
+    text = distill.markdown({"rows": [_row("ours-w4-e4", 0.821, 12.1)], "references": REFS, "machine": "m",
+                             "dev_examples": 854})
+    assert "854 sentences" in text and "| ORT quantize_dynamic int8 per-channel |" in text
+    assert "`python benchmarks/peers.py --qat-steps 240`" in text
