@@ -43,7 +43,8 @@ def git_commit() -> str:
 def run_analysis(args, sens_path: Path, plot_path: Path | None) -> dict:
     cmd = ["qbert-edge", "analyze", args.model, "--data", args.data, "--subsets", str(args.subsets),
            "--fraction", str(args.fraction), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--seed", str(args.seed), "--max-iter", str(args.max_iter), "--tol", str(args.tol), "-o", str(sens_path)]
+           "--seed", str(args.seed), "--method", args.method, "--max-iter", str(args.max_iter), "--tol", str(args.tol),
+           "-o", str(sens_path)]
     if plot_path:
         cmd += ["--plot", str(plot_path)]
     if args.landscape is not None:
@@ -70,12 +71,35 @@ def run_analysis(args, sens_path: Path, plot_path: Path | None) -> dict:
         "load_average_after": load_avg(),
         "timings": sens["timings"],
         "layers": [
-            {k: l[k] for k in ("layer", "eigenvalues", "iterations", "converged", "mean", "std", "omega", "rank")}
+            {k: l[k] for k in ("layer", "eigenvalues", "iterations", "converged", "residuals", "mean", "std", "omega", "rank")
+             if k in l}
             for l in sens["layers"]
         ],
+        "ranking": sens["ranking"],
         "warnings": sens["warnings"],
         "settings": sens["settings"],
         "landscape_radius": (sens.get("landscape") or {}).get("radius"),
+    }
+
+
+def compare(analysis: dict, other_path: Path) -> dict:
+    """How far this analysis's eigenvalues are from an earlier sensitivity file's (same subsets)."""
+    other = json.loads(other_path.read_text())
+    theirs = {l["layer"]: l for l in other["layers"]}
+    rows = []
+    for l in analysis["layers"]:
+        o = theirs[l["layer"]]
+        rel = [abs(a - b) / abs(b) for a, b in zip(l["eigenvalues"], o["eigenvalues"])]
+        rows.append({"layer": l["layer"], "max_rel_diff": max(rel), "omega": l["omega"], "other_omega": o["omega"],
+                     "iterations": sum(l["iterations"]), "other_iterations": sum(o["iterations"])})
+    return {
+        "file": str(other_path.relative_to(ROOT) if other_path.is_relative_to(ROOT) else other_path),
+        "method": other["settings"].get("method", "power"),
+        "tol": other["settings"].get("tol"),
+        "total_s": other.get("timings", {}).get("total_s"),
+        "hvp_passes": other.get("timings", {}).get("hvp_passes"),
+        "same_ranking": analysis["ranking"] == other["ranking"],
+        "layers": rows,
     }
 
 
@@ -216,6 +240,21 @@ def markdown(result: dict) -> str:
         if a["warnings"]:
             lines += ["", "Warnings:", ""] + [f"- {w}" for w in a["warnings"]]
         lines.append("")
+    cmp_ = result.get("comparison")
+    if cmp_:
+        lines += [
+            f"### Against the earlier analysis `{cmp_['file']}` ({cmp_['method']}, tol {cmp_['tol']})",
+            "",
+            f"Same subsets and seed. Earlier: {cmp_['total_s']} s, {cmp_['hvp_passes']} HVP passes. "
+            f"Same ranking: **{'yes' if cmp_['same_ranking'] else 'NO'}**.",
+            "",
+            "| layer | max relative difference of an eigenvalue | Ω now | Ω earlier | layer-HVPs now | earlier |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in cmp_["layers"]:
+            lines.append(f"| {r['layer']} | {r['max_rel_diff']:.2e} | {r['omega']:.4g} | {r['other_omega']:.4g} | "
+                         f"{r['iterations']} | {r['other_iterations']} |")
+        lines.append("")
     if c:
         lines += [
             "## HVP cost against a plain backward pass (same batches, same process)",
@@ -264,6 +303,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-iter", type=int, default=50)
     p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--method", choices=["lanczos", "power"], default="lanczos")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="an earlier sensitivity.json of the same model, data and seed: report how far the eigenvalues moved")
     p.add_argument("--no-warm-start", dest="warm_start", action="store_false")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--landscape", default=None, help="a layer number or top")
@@ -299,15 +341,20 @@ def main() -> None:
         "notes": args.note,
     }
     previous = args.out / f"hessian-{tag}.json"
-    if args.skip_analysis and previous.is_file():  # keep the earlier run's analysis next to new costs
-        earlier = json.loads(previous.read_text())
-        if "analysis" in earlier:
-            result["analysis"] = earlier["analysis"]
-            result["notes"] = [f"analysis from an earlier run (commit {earlier['environment'].get('commit')}, "
-                               f"{earlier['environment'].get('torch_threads')} threads): {n}" for n in earlier.get("notes", [])] + result["notes"]
+    earlier = json.loads(previous.read_text()) if previous.is_file() else {}
+    for part, skipped in (("analysis", args.skip_analysis), ("costs", args.skip_costs)):
+        if skipped and part in earlier:  # keep the earlier run's part next to the new one
+            result[part] = earlier[part]
+            result["notes"].append(f"{part} from an earlier run (commit {earlier['environment'].get('commit')}, "
+                                   f"{earlier['environment'].get('torch_threads')} threads)")
+            result["notes"] += [n for n in earlier.get("notes", []) if n.startswith(part)]
+            if part == "analysis" and "comparison" in earlier:
+                result["comparison"] = earlier["comparison"]
     if not args.skip_analysis:
         sens_path = args.sensitivity or (args.out / f"hessian-{tag}.sensitivity.json")
         result["analysis"] = run_analysis(args, sens_path, args.plot)
+        if args.compare:
+            result["comparison"] = compare(result["analysis"], args.compare)
     if not args.skip_costs:
         result["costs"] = measure_costs(args)
     (args.out / f"hessian-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")

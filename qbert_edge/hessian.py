@@ -4,7 +4,7 @@ For encoder layer i, ``H_ii`` is the Hessian of the task loss (mean cross-entrop
 subset) with respect to that layer's weights: the ``weight`` of its six Linears
 (:data:`~qbert_edge.plan.LAYER_LINEARS`: query, key, value, attention.output.dense,
 intermediate.dense, output.dense), flattened and concatenated. Biases, LayerNorms, embeddings
-and the classifier head are held fixed. Its dominant eigenvalue is found by power iteration on
+and the classifier head are held fixed. Its dominant eigenvalue is found by Lanczos (or power iteration) on
 Hessian-vector products (Pearlmutter's double backward)::
 
     g_i  = d loss / d theta_i                  (one backward with create_graph=True)
@@ -14,12 +14,13 @@ Hessian-vector products (Pearlmutter's double backward)::
 All layers are iterated together: one forward and one create-graph backward per batch serve
 every layer still running, then each layer takes its own second backward of ``g_i . v_i``
 (a single backward of ``sum_i g_i . v_i`` would give the full ``H v``, whose layer-i block is
-``sum_j H_ij v_j``, not ``H_ii v_i``). A layer stops when its Rayleigh quotient changes by at
-most ``tol`` (relative) between iterations, or at ``max_iter``; each result says whether it
-converged and after how many iterations. The loss over a subset is the mean over all of its
+``sum_j H_ij v_j``, not ``H_ii v_i``). The eigen-solvers live in :mod:`qbert_edge.eigen`: a
+layer stops when its estimate meets the solver's test (for Lanczos, the default: a relative
+residual ``|H v - lambda v| / |lambda| <= sqrt(tol)``), or at ``max_iter``; each result says
+whether it converged, after how many HVPs, and its residual. The loss over a subset is the mean over all of its
 examples, so the batches can be formed in any order (length-sorted batches waste no padding).
 
-Power iteration finds the eigenvalue of largest *magnitude*: a negative result means the
+Both solvers find the eigenvalue of largest *magnitude*: a negative result means the
 most negative curvature beats the most positive one (the model is not at a minimum).
 
 :func:`analyze` runs this on K data subsets and returns a :class:`~qbert_edge.sensitivity.Sensitivity`;
@@ -45,6 +46,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from qbert_edge.eigen import (  # noqa: F401  (re-exported: the solvers are part of this module's API)
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    EigenResult,
+    Operator,
+    deflated,
+    dominant_eigenpairs,
+    dot,
+    lanczos,
+    power_iteration,
+    random_direction,
+)
 from qbert_edge.errors import QbertEdgeError
 from qbert_edge.plan import LAYER_LINEARS
 from qbert_edge.sensitivity import Landscape, LayerSensitivity, Sensitivity, diagnose
@@ -55,8 +68,6 @@ Batch = Mapping[str, torch.Tensor]
 Blocks = dict[Hashable, list[torch.Tensor]]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
-DEFAULT_MAX_ITER = 50
-DEFAULT_TOL = 1e-3
 PARAMS_NOTE = (
     "weight of the 6 Linears of each encoder layer (" + ", ".join(LAYER_LINEARS) + "); "
     "biases, LayerNorms, embeddings and the classifier head held fixed"
@@ -205,119 +216,13 @@ def mean_loss(model: torch.nn.Module, batches: Sequence[Batch], loss_fn: LossFn 
         return sum(float(loss_fn(model, b)) for b in batches) / total
 
 
-# --------------------------------------------------------------------------- power iteration
-
-
-def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
-
-
-def _norm(a: Sequence[torch.Tensor]) -> float:
-    return math.sqrt(_dot(a, a))
-
-
-def _scaled(a: Sequence[torch.Tensor], s: float) -> list[torch.Tensor]:
-    return [x * s for x in a]
-
-
-def random_direction(like: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    """A seeded unit-norm Gaussian direction shaped like ``like`` (same numbers on every run)."""
-    gen = torch.Generator().manual_seed(seed)
-    v = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in like]
-    return _scaled(v, 1.0 / _norm(v))
+# --------------------------------------------------------------------------- start vectors
 
 
 def block_seed(seed: int, key: Hashable) -> int:
     """The start-vector seed of block ``key``: ``block_seed(0, 3) -> 3``."""
     return seed * 1_000_003 + (key if isinstance(key, int) else hash(key) % 1_000_003)
 
-
-@dataclass(frozen=True)
-class EigenResult:
-    """Dominant eigenvalue estimate of one block and how power iteration got there."""
-
-    eigenvalue: float
-    converged: bool
-    iterations: int
-    history: tuple[float, ...] = ()
-    vector: tuple[torch.Tensor, ...] = field(default=(), repr=False, compare=False)
-    residual: float = float("nan")
-
-
-Operator = Callable[[Blocks], Blocks]
-
-
-def power_iteration(
-    operator: Operator,
-    start: Mapping[Hashable, Sequence[torch.Tensor]],
-    *,
-    max_iter: int = DEFAULT_MAX_ITER,
-    tol: float = DEFAULT_TOL,
-    callback: Callable[[int, list[Hashable]], None] | None = None,
-) -> dict[Hashable, EigenResult]:
-    """Power iteration on several symmetric blocks at once, each normalised on its own.
-
-    ``operator(vectors)`` returns ``A_k v_k`` for every block ``k`` in ``vectors``. A block
-    has converged when its Rayleigh quotient ``lambda = v.Av`` (for unit ``v``) changes by at
-    most ``tol * |lambda|`` from the previous iteration *and* the residual
-    ``|Av - lambda v| <= sqrt(tol) * |lambda|`` (without it, a pair ``+-lambda`` of equal
-    magnitude gives a steady Rayleigh quotient that is no eigenvalue). Blocks that stop are no
-    longer passed to the operator. ``callback(iteration, running_blocks)`` is called before each operator call.
-
-    >>> A = torch.diag(torch.tensor([-3.0, 2.0, 1.0]))
-    >>> r = power_iteration(lambda v: {k: [A @ x[0]] for k, x in v.items()}, {0: [torch.ones(3)]}, tol=1e-9, max_iter=200)
-    >>> round(r[0].eigenvalue, 4), r[0].converged
-    (-3.0, True)
-    """
-    if max_iter < 1:
-        raise QbertEdgeError(f"power iteration needs max_iter >= 1, got {max_iter}")
-    if not tol > 0:
-        raise QbertEdgeError(f"power iteration needs a positive tolerance, got {tol}")
-    vectors: Blocks = {}
-    for k, v in start.items():
-        n = _norm(v)
-        if n == 0:
-            raise QbertEdgeError(f"power iteration block {k}: the start vector is zero")
-        vectors[k] = _scaled(v, 1.0 / n)
-    history: dict[Hashable, list[float]] = {k: [] for k in vectors}
-    done: dict[Hashable, EigenResult] = {}
-    for it in range(1, max_iter + 1):
-        running = [k for k in vectors if k not in done]
-        if not running:
-            break
-        if callback is not None:
-            callback(it, running)
-        products = operator({k: vectors[k] for k in running})
-        for k in running:
-            av = products[k]
-            lam = _dot(vectors[k], av)
-            history[k].append(lam)
-            norm = _norm(av)
-            if norm == 0.0:  # v is in the null space: eigenvalue 0, nothing more to learn
-                done[k] = EigenResult(0.0, True, it, tuple(history[k]), tuple(vectors[k]), 0.0)
-                continue
-            # residual |Av - lam v| (v unit, so |Av|^2 = lam^2 + residual^2), relative to |lam|
-            residual = math.sqrt(max(norm * norm - lam * lam, 0.0)) / max(abs(lam), 1e-30)
-            steady = len(history[k]) > 1 and abs(lam - history[k][-2]) <= tol * abs(lam)
-            converged = steady and residual <= math.sqrt(tol)
-            vectors[k] = _scaled(av, 1.0 / norm)
-            if converged or it == max_iter:
-                done[k] = EigenResult(lam, converged, it, tuple(history[k]), tuple(vectors[k]), residual)
-    return done
-
-
-def deflated(operator: Operator, found: Mapping[Hashable, EigenResult]) -> Operator:
-    """``A - lambda u u^T`` per block: power iteration on it finds the next eigenvalue by magnitude."""
-
-    def apply(vectors: Blocks) -> Blocks:
-        out = operator(vectors)
-        for k, v in vectors.items():
-            r = found[k]
-            c = r.eigenvalue * _dot(r.vector, v)
-            out[k] = [a - c * u for a, u in zip(out[k], r.vector)]
-        return out
-
-    return apply
 
 
 # --------------------------------------------------------------------------- per-layer sensitivity
@@ -343,6 +248,7 @@ def layer_sensitivity(
     max_iter: int = DEFAULT_MAX_ITER,
     tol: float = DEFAULT_TOL,
     seed: int = 0,
+    method: str = "lanczos",
     start: Mapping[int, Sequence[torch.Tensor]] | None = None,
     loss_fn: LossFn = task_loss,
     callback: Callable[[int, list[Hashable]], None] | None = None,
@@ -363,7 +269,7 @@ def layer_sensitivity(
     params = [p for w in weights.values() for p in w.values()]
     with hessian_mode(model, params):
         op = _layer_operator(model, batches, weights, loss_fn, counter)
-        return power_iteration(op, init, max_iter=max_iter, tol=tol, callback=callback)  # type: ignore[return-value]
+        return dominant_eigenpairs(op, init, method=method, max_iter=max_iter, tol=tol, callback=callback)  # type: ignore[return-value]
 
 
 def analyze(
@@ -374,6 +280,7 @@ def analyze(
     max_iter: int = DEFAULT_MAX_ITER,
     tol: float = DEFAULT_TOL,
     seed: int = 0,
+    method: str = "lanczos",
     warm_start: bool = True,
     loss_fn: LossFn = task_loss,
     progress: Callable[[int, int, list[Hashable]], None] | None = None,
@@ -387,11 +294,15 @@ def analyze(
     seeded random start); every subset still iterates to its own tolerance. ``info`` is
     copied into the result (model name, data spec, settings) and may hold ``shapes``.
     ``progress(subset, iteration, running_layers)`` is called before each HVP pass.
+    ``method`` names the eigen-solver (:data:`qbert_edge.eigen.METHODS`).
     """
+    from qbert_edge.eigen import METHODS
     from qbert_edge.qmodel import quantizable_shapes
 
     if not subset_batches:
         raise QbertEdgeError("Hessian analysis needs at least one data subset")
+    if method not in METHODS:
+        raise QbertEdgeError(f"unknown eigen-solver {method!r}: choose one of {', '.join(METHODS)}")
     weights = layer_weights(model, layers)
     chosen = sorted(weights)
     per_subset: list[dict[int, EigenResult]] = []
@@ -403,7 +314,7 @@ def analyze(
         t = time.perf_counter()
         cb = None if progress is None else (lambda it, running, s=s: progress(s, it, running))
         res = layer_sensitivity(
-            model, batches, chosen, max_iter=max_iter, tol=tol, seed=seed, start=start,
+            model, batches, chosen, max_iter=max_iter, tol=tol, seed=seed, method=method, start=start,
             loss_fn=loss_fn, callback=cb, counter=counter,
         )
         seconds.append(time.perf_counter() - t)
@@ -423,10 +334,11 @@ def analyze(
                 eigenvalues=tuple(r[i].eigenvalue for r in per_subset),
                 converged=tuple(r[i].converged for r in per_subset),
                 iterations=tuple(r[i].iterations for r in per_subset),
+                residuals=tuple(r[i].residual for r in per_subset),
             )
         )
     settings = dict(info.pop("settings", {}))
-    settings.update(max_iter=max_iter, tol=tol, seed=seed, warm_start=warm_start, subsets=len(subset_batches))
+    settings.update(method=method, max_iter=max_iter, tol=tol, seed=seed, warm_start=warm_start, subsets=len(subset_batches))
     timings = {
         "total_s": round(total, 3),
         "per_subset_s": [round(x, 3) for x in seconds],
@@ -466,10 +378,11 @@ def top_eigenvectors(
     max_iter: int = DEFAULT_MAX_ITER,
     tol: float = DEFAULT_TOL,
     seed: int = 0,
+    method: str = "lanczos",
     start: Sequence[torch.Tensor] | None = None,
     loss_fn: LossFn = task_loss,
 ) -> list[EigenResult]:
-    """The ``k`` eigenpairs of ``H_ii`` largest in magnitude, by power iteration with deflation."""
+    """The ``k`` eigenpairs of ``H_ii`` largest in magnitude, one at a time with deflation."""
     batches = list(batches)
     weights = layer_weights(model, [layer])
     params = list(weights[layer].values())
@@ -481,9 +394,9 @@ def top_eigenvectors(
             if found:
                 # start orthogonal to what was found
                 for r in found:
-                    c = _dot(r.vector, init)
+                    c = dot(r.vector, init)
                     init = [a - c * u for a, u in zip(init, r.vector)]
-            res = power_iteration(op, {layer: init}, max_iter=max_iter, tol=tol)[layer]
+            res = dominant_eigenpairs(op, {layer: init}, method=method, max_iter=max_iter, tol=tol)[layer]
             found.append(res)
             op = deflated(op, {layer: res})
     return found

@@ -47,15 +47,18 @@ class LayerSensitivity:
     iterations: tuple[int, ...]
     modules: tuple[str, ...] = ()
     parameters: int = 0
+    residuals: tuple[float, ...] = ()  # |H v - lambda v| / |lambda| of each result; () if not recorded
 
     def __post_init__(self) -> None:
-        for name in ("eigenvalues", "converged", "iterations", "modules"):
+        for name in ("eigenvalues", "converged", "iterations", "modules", "residuals"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         n = len(self.eigenvalues)
         if n == 0:
             raise QbertEdgeError(f"sensitivity: layer {self.layer} has no eigenvalues")
-        if len(self.converged) != n or len(self.iterations) != n:
-            raise QbertEdgeError(f"sensitivity: layer {self.layer}: eigenvalues, converged and iterations differ in length")
+        if len(self.converged) != n or len(self.iterations) != n or len(self.residuals) not in (0, n):
+            raise QbertEdgeError(
+                f"sensitivity: layer {self.layer}: eigenvalues, converged, iterations and residuals differ in length"
+            )
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in self.eigenvalues):
             raise QbertEdgeError(f"sensitivity: layer {self.layer}: eigenvalues must be finite numbers")
 
@@ -82,6 +85,7 @@ class LayerSensitivity:
             "eigenvalues": list(self.eigenvalues),
             "converged": list(self.converged),
             "iterations": list(self.iterations),
+            **({"residuals": list(self.residuals)} if self.residuals else {}),
             "dominant_negative": [x < 0 for x in self.eigenvalues],
             "mean": self.mean,
             "std": self.std,
@@ -213,6 +217,7 @@ class Sensitivity:
                     iterations=tuple(int(x) for x in d["iterations"]),
                     modules=tuple(d.get("modules", ())),
                     parameters=int(d.get("parameters", 0)),
+                    residuals=tuple(float(x) for x in d.get("residuals", ())),
                 )
                 for d in data["layers"]
             )
@@ -250,11 +255,11 @@ def diagnose(sens: Sensitivity) -> list[str]:
       ``NOISE_SIGMAS`` standard errors (``std / sqrt(K)``; with one subset, any negative value);
     - *negative dominant eigenvalue*: on some subsets (but not beyond noise overall);
     - *wild variation*: ``std > WILD_VARIATION * |mean|`` over at least two subsets;
-    - *not converged*: power iteration hit its iteration cap.
+    - *not converged*: the eigen-solver hit its iteration cap.
 
     >>> l = LayerSensitivity(0, (-5.0, -5.2), (True, True), (9, 8))
-    >>> diagnose(Sensitivity("m", "d", 1, (l,), {}))[0][:45]
-    'model m is not at a minimum of the loss: laye'
+    >>> diagnose(Sensitivity("m", "d", 1, (l,), {}))[0][:40]
+    'model m is not at a minimum of the loss:'
     """
     k = sens.subsets
     out: list[str] = []
@@ -287,7 +292,7 @@ def diagnose(sens: Sensitivity) -> list[str]:
         bad = sum(not c for c in l.converged)
         if bad:
             out.append(
-                f"layer {l.layer}: power iteration did not converge on {bad} of {k} subsets "
+                f"layer {l.layer}: the eigen-solver did not converge on {bad} of {k} subsets "
                 f"(max_iter={max_iter}, tol={tol}); raise --max-iter or --tol"
             )
     return out

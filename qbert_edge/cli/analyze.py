@@ -42,9 +42,13 @@ def _parse_layers(text: str | None) -> list[int] | None:
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True, help="Fraction of the data in each subset.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--max-length", type=click.IntRange(2), default=64, show_default=True, help="Tokens per text (longer texts are cut).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the subsets and the power-iteration start vectors.")
-@click.option("--max-iter", type=click.IntRange(1), default=50, show_default=True, help="Power-iteration cap per layer and subset.")
-@click.option("--tol", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True, help="Relative change of the eigenvalue that counts as converged.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the subsets and the eigen-solver's start vectors.")
+@click.option("--method", type=click.Choice(["lanczos", "power"]), default="lanczos", show_default=True,
+              help="Eigen-solver: Lanczos (stops when the relative residual |Hv - λv|/|λ| <= sqrt(tol)) or power "
+                   "iteration (also needs the eigenvalue to move by <= tol; about one HVP pass more per subset).")
+@click.option("--max-iter", type=click.IntRange(1), default=50, show_default=True, help="Hessian-vector products per layer and subset, at most.")
+@click.option("--tol", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
+              help="Relative eigenvalue accuracy aimed at (the residual must be <= sqrt(tol)).")
 @click.option("--layers", "layers_text", default=None, help="Analyse only these layers (e.g. 0,5); allocate needs all.")
 @click.option("--warm-start/--no-warm-start", default=True, show_default=True,
               help="Start each subset from the previous subset's eigenvectors (fewer iterations; each subset still converges on its own).")
@@ -58,7 +62,7 @@ def _parse_layers(text: str | None) -> list[int] | None:
 @click.option("--landscape-grid", type=click.IntRange(3), default=15, show_default=True, help="Grid points per axis.")
 @click.option("--landscape-radius", type=click.FloatRange(0, min_open=True), default=None, help="Half-width of the grid along each unit eigenvector [default: sqrt(2/|λ1|)].")
 @click.option("--landscape-examples", type=click.IntRange(1), default=256, show_default=True, help="Examples (from the first subset) for the landscape.")
-def command(model, data, k, fraction, batch_size, max_length, seed, max_iter, tol, layers_text, warm_start, fresh_head,
+def command(model, data, k, fraction, batch_size, max_length, seed, method, max_iter, tol, layers_text, warm_start, fresh_head,
             threads, output, plot_path, landscape_layer, landscape_path, landscape_grid, landscape_radius,
             landscape_examples) -> None:
     """Top Hessian eigenvalue of each encoder layer of MODEL over data subsets -> sensitivity.json.
@@ -134,7 +138,7 @@ def command(model, data, k, fraction, batch_size, max_length, seed, max_iter, to
 
     with bar:
         sens, last = hessian.analyze(
-            net, batches, layers, max_iter=max_iter, tol=tol, seed=seed, warm_start=warm_start,
+            net, batches, layers, max_iter=max_iter, tol=tol, seed=seed, method=method, warm_start=warm_start,
             progress=progress, info=info,
         )
         bar.update(k - state["subset"])
@@ -149,7 +153,8 @@ def command(model, data, k, fraction, batch_size, max_length, seed, max_iter, to
         lb = hessian.sorted_batches(sample, loaded.tokenizer, batch_size, max_length)
         click.echo(f"landscape of layer {landscape_layer}: top two eigenvectors on {len(sample)} examples ...", err=True)
         start = last[landscape_layer].vector if landscape_layer in last else None
-        pairs = hessian.top_eigenvectors(net, lb, landscape_layer, k=2, max_iter=max_iter, tol=tol, seed=seed, start=start)
+        pairs = hessian.top_eigenvectors(net, lb, landscape_layer, k=2, max_iter=max_iter, tol=tol, seed=seed,
+                                         method=method, start=start)
         land = hessian.loss_landscape(net, lb, landscape_layer, pairs, radius=landscape_radius, grid=landscape_grid)
         sens = replace(sens.with_landscape(land), timings={**sens.timings, "landscape_s": round(time.perf_counter() - t0, 3)})
 

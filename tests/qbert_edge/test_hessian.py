@@ -96,9 +96,10 @@ def setup():
     return model, batches, exact
 
 
-def test_power_iteration_matches_exact_hessian_block(setup):
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_eigen_solver_matches_exact_hessian_block(setup, method):
     model, batches, exact = setup
-    res = hessian.layer_sensitivity(model, batches, max_iter=1000, tol=1e-7, seed=0)
+    res = hessian.layer_sensitivity(model, batches, max_iter=1000, tol=1e-7, seed=0, method=method)
     assert set(res) == {0, 1}
     for i, r in res.items():
         want = dominant(exact[i])
@@ -360,6 +361,10 @@ def test_cli_analyze_then_allocate(model_dir, tmp_path, capsys):
     sens = Sensitivity.load(out)
     assert sens.subsets == 2 and [l.layer for l in sens.layers] == [0, 1]
     assert sens.settings["subset_examples"] == 8 and sens.settings["max_length"] == 64
+    assert sens.settings["method"] == "lanczos"
+    for l in sens.layers:  # the residual of every result is kept; a converged one met the Lanczos test
+        assert len(l.residuals) == 2
+        assert all(r <= 1e-3 ** 0.5 for r, ok in zip(l.residuals, l.converged) if ok)
     assert sens.landscape is not None and sens.landscape.layer == 1 and sens.landscape.examples == 4
     assert (tmp_path / "sens.png").stat().st_size > 1000
     assert (tmp_path / "sens.landscape.png").stat().st_size > 1000
