@@ -95,6 +95,10 @@ class RuntimeOptions:
     external data and frees each after prepacking it (off: they are handed over from memory and
     all of them are alive while onnxruntime prepacks; the load-time peak is higher by about
     their size). Skipped, with the same result, where the folder is read-only or in RAM.
+    ``random_tables``: after the session is created, tell the kernel the gathered tables
+    (embeddings) are read at random (:func:`~qbert_edge.runtime.loader.advise_random`: no
+    fault-around, no read-ahead; Linux only), so a run maps the pages of the rows it reads and
+    not 64 KiB around each.
     """
 
     threads: int | None = None
@@ -106,8 +110,11 @@ class RuntimeOptions:
     widen_2bit: bool | None = None
     return_memory: bool = True
     spill: bool = True
+    random_tables: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.random_tables, bool):
+            raise QbertEdgeError(f"random_tables must be True or False, got {self.random_tables!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise QbertEdgeError(f"threads must be a positive integer, got {self.threads!r}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
@@ -197,6 +204,35 @@ def check_ops(model, name: str = "model.onnx") -> bool:
     return found
 
 
+def gathered_tables(model) -> set[str]:
+    """Names of the tensors ``model`` reads by token id (embedding tables, their scales and zero points).
+
+    A run reads a few rows of each, anywhere: the ranges :func:`loader.advise_random` is for.
+    """
+    out: set[str] = set()
+    for node in model.graph.node:
+        if node.domain == OP_DOMAIN and node.op_type == "QGather":
+            out.update(node.input[:3])
+        elif node.op_type == "GatherBlockQuantized":
+            out.update(node.input[i] for i in (0, 2, 3) if i < len(node.input))
+        elif node.domain in ("", "ai.onnx") and node.op_type == "Gather":
+            if next((a.i for a in node.attribute if a.name == "axis"), 0) == 0:
+                out.add(node.input[0])
+    out.discard("")
+    return out
+
+
+def table_ranges(model, weights: dict[str, np.ndarray], graph) -> list[tuple]:
+    """``(file, offset, bytes)`` of every gathered table of ``model`` that is a view of a mapped file."""
+    out = []
+    for name in sorted(gathered_tables(model)):
+        arr = weights.get(name)
+        where = None if arr is None else graph.file_location(arr)
+        if where is not None:
+            out.append((where[0], where[1], int(arr.nbytes)))
+    return out
+
+
 def index_limits(model, weights: dict[str, np.ndarray]) -> dict[str, int]:
     """Graph inputs used as table indices -> the table's row count (``input_ids`` -> vocabulary).
 
@@ -256,18 +292,25 @@ class OrtBackend(Backend):
     ``add_external_initializers``, which hands onnxruntime our buffer: it stays alive, next to
     onnxruntime's prepacked copy, until the session is created.
     ``copied_bytes``: every array made at load time, however handed over; ``spilled_bytes``: those
-    handed over through the spill file.
+    handed over through the spill file. ``tables``: the ``(file, offset, bytes)`` of the
+    gathered tables (default: :func:`table_ranges` of ``model``); with
+    ``options.random_tables`` they are advised random-access once the session exists
+    (``advised_bytes``: the mapped bytes advised).
     """
 
     name = "ort"
 
     def __init__(self, model, weights: dict[str, np.ndarray], options: RuntimeOptions, graph,
-                 custom_ops: bool = False, spill=None) -> None:
+                 custom_ops: bool = False, spill=None, tables: list | None = None) -> None:
         import onnxruntime as ort
 
-        from qbert_edge.runtime.loader import placeholder
+        from qbert_edge.runtime.loader import advise_random, placeholder
 
         name = str(graph.path)
+        if tables is None:
+            tables = table_ranges(model, weights, graph)
+        if spill is not None:  # its pages are dirty: dropping them would write them out first
+            tables = [t for t in tables if not spill.owns(t[0])]
         so = options.session_options()
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     str(graph.path.parent.resolve()))
@@ -300,6 +343,7 @@ class OrtBackend(Backend):
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise QbertEdgeError(f"{name}: onnxruntime cannot load this model ({_first_line(exc)})") from None
         release_free_memory()
+        self.advised_bytes = advise_random(tables) if options.random_tables else 0
         super().__init__([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -317,13 +361,14 @@ class OrtCustomBackend(OrtBackend):
         from qbert_edge.runtime import ort_custom
 
         self.scope = ort_custom.new_scope()
+        tables = table_ranges(model, weights, graph)  # our own kernels read them from our mapping
         try:
             unused = ort_custom.rewrite(model, weights, self.scope, str(graph.path))
             weights = {k: v for k, v in weights.items() if k not in unused}
             kept = [t for t in model.graph.initializer if t.name not in unused]
             del model.graph.initializer[:]
             model.graph.initializer.extend(kept)
-            super().__init__(model, weights, options, graph, custom_ops=True, spill=spill)
+            super().__init__(model, weights, options, graph, custom_ops=True, spill=spill, tables=tables)
         except BaseException:
             ort_custom.release(self.scope)
             raise
