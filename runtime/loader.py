@@ -226,7 +226,7 @@ def advise_random(ranges) -> int:
     alone). The kernel drops a cached folio (up to a huge page, 2 MiB) only when it lies whole in
     the range, so the range is widened to whole huge pages: the neighbours' cached bytes go too,
     which costs at most a re-read from the file (dirty pages, of a file written seconds ago, stay). Every mapping of this process of each file (matched by device and inode in
-    ``/proc/self/maps``) that overlaps a range gets ``madvise(MADV_RANDOM)`` on the overlap.
+    ``/proc/self/maps``, or by path) that overlaps a range gets ``madvise(MADV_RANDOM)`` on the overlap.
     Costs: the first read of each page is a small read from the file (4 KiB) instead of one
     read-ahead. Linux only: elsewhere (no ``/proc/self/maps``, no ``madvise``) a no-op; it never
     raises (an advice is a hint).
@@ -239,10 +239,13 @@ def advise_random(ranges) -> int:
         return 0
     try:
         wanted: dict[tuple[int, int, int], list[tuple[Path, int, int]]] = {}
+        by_path: dict[str, list[tuple[Path, int, int]]] = {}
         for file, offset, length in ranges:
             st = os.stat(file)
             key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-            wanted.setdefault(key, []).append((Path(file), int(offset), int(length)))
+            item = (Path(file), int(offset), int(length))
+            wanted.setdefault(key, []).append(item)
+            by_path.setdefault(str(Path(file).resolve()), []).append(item)
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as fh:
@@ -263,7 +266,8 @@ def advise_random(ranges) -> int:
             key, vma_offset = (major, minor, int(fields[4])), int(fields[2], 16)
         except ValueError:
             continue
-        for item in wanted.get(key, ()):
+        # by device and inode; by path where they differ from stat's (overlayfs, btrfs subvolumes)
+        for item in wanted.get(key) or (by_path.get(fields[5].strip(), ()) if len(fields) > 5 else ()):
             _, offset, length = item
             start = max(lo, lo + offset - vma_offset) // page * page
             stop = min(hi, -(-(lo + offset + length - vma_offset) // page) * page)

@@ -188,3 +188,21 @@ def test_ort_run_maps_the_rows_it_reads_not_their_neighbours(tmp_path):
     assert any("rr" in v["flags"] for v in vmas)  # onnxruntime's mapping of the table carries the advice
     assert advised <= 2 * len(IDS) * PAGE
     assert plain >= 4 * len(IDS) * PAGE  # the control shows fault-around (16 pages per row here)
+
+
+@linux_only
+def test_advise_random_falls_back_to_the_path_where_stat_and_maps_disagree(tmp_path, monkeypatch):
+    """overlayfs (containers) and btrfs subvolumes show other device/inode numbers in /proc/self/maps."""
+    path = tmp_path / "t.bin"
+    _written(path, b"\1" * (4 * PAGE))
+    real = os.stat(path)
+    fake = os.stat_result((real.st_mode, real.st_ino + 12345, real.st_dev, *tuple(real)[3:]))
+    with open(path, "rb") as fh:
+        m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        monkeypatch.setattr(loader.os, "stat", lambda p, *a, **k: fake if str(p) == str(path) else os.lstat(p))
+        assert advise_random([(path, 0, 4 * PAGE)]) == 4 * PAGE
+        monkeypatch.undo()
+        assert all("rr" in v["flags"] for v in _vmas(path))
+    finally:
+        m.close()
