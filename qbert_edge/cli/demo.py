@@ -66,7 +66,7 @@ def command(out_dir, model, scheme, qat_steps, backend) -> None:
     _step(["export", str(model_pt), "-o", str(onnx)])
     _step(["run", str(onnx), "--backend", backend, *[a for s in SENTENCES for a in ("--text", s)]])
     _step(["eval", str(onnx), "--data", "rt:dev", "--backend", backend])
-    _step(["measure", str(onnx), "--backend", backend, "--json", "-o", str(measure)])
+    _step(["measure", str(onnx), "--backend", backend, "-o", str(measure)])  # a table here, JSON in the file
     click.secho(f"done in {time.perf_counter() - start:.0f} s. Artifacts:", bold=True)
     for path, what in ((sens, "per-layer Hessian sensitivity"), (plot, "eigenvalue spread per layer"),
                        (plan, "bits per module"), (model_pt, "quantized model (codes, scales, plan, tokenizer)"),
