@@ -86,7 +86,8 @@ def _figures() -> list[tuple[str, str, dict]]:
     0/4, then at level 4 with 2-bit layers widened to 4 bits (what the backend did before its
     2-bit rule, :func:`qbert_edge.runtime.native.keeps_2bit`), then at the default level without
     the spill (``RuntimeOptions(spill=False)``: widened codes handed to onnxruntime from memory, as
-    before issue #6's load-peak fix).
+    before issue #6's load-peak fix), then without the embedding tables' random-access advice
+    (``RuntimeOptions(random_tables=False)``: a gather's page faults map their cached neighbours).
     """
     from qbert_edge.runtime.native import DEFAULT_ACCURACY_LEVEL as level
 
@@ -102,6 +103,8 @@ def _figures() -> list[tuple[str, str, dict]]:
          {"backend": "ort", "accuracy_level": 4, "widen_2bit": True}),
         (f"ours 2/3 MP, backend ort (accuracy_level {level}), spill off: widened codes handed over from memory", "ours",
          {"backend": "ort", "spill": False}),
+        (f"ours 2/3 MP, backend ort (accuracy_level {level}), random_tables off: embedding pages faulted around",
+         "ours", {"backend": "ort", "random_tables": False}),
         ("ours 2/3 MP, backend ort-custom", "ours", {"backend": "ort-custom"}),
         ("ours 2/3 MP, backend reference (correctness only)", "ours", {"backend": "reference"}),
     ]
@@ -121,6 +124,7 @@ def measure_all(paths: dict[str, Path], args) -> list[dict]:
             runs = 1
         elif kwargs.get("backend") == "ort-custom":
             runs = max(3, args.runs // 4)
+        warm_page_cache(paths[key])
         load = os.getloadavg()[0]
         log.info("measuring %s", label)
         started = time.time()
@@ -130,6 +134,17 @@ def measure_all(paths: dict[str, Path], args) -> list[dict]:
                      "seconds": round(time.time() - started, 1), "report": report})
         log.info("  share %.1f MB, p50 %.1f ms", report["rss_mb"]["model_share"] or -1, report["latency_ms"]["p50"])
     return rows
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read ``path`` once, so every figure starts with the file in the page cache (as right after a copy).
+
+    What a gather's page faults map depends on it (fault-around maps cached neighbours): without
+    this, a figure would depend on what the one before it left cached.
+    """
+    with open(path, "rb") as fh:
+        while fh.read(1 << 24):
+            pass
 
 
 def summarize(rows: list[dict]) -> list[dict]:
