@@ -74,7 +74,7 @@ def run_one(key: str, steps: int, kd: bool, args) -> tuple[dict, dict]:
            "file_mb": round(paths[key].stat().st_size / 1e6, 2), "file": paths[key].name,
            "build_s": round(built), "build_and_score_s": round(time.time() - t0), "training": training,
            "command": "python benchmarks/distill.py " + " ".join(args.argv_for(key, steps, kd)),
-           "peers_flags": peers_flags(key, steps, kd, args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log.info("%s %d steps%s: accuracy %.4f, %.2f MB", key, steps, " kd" if kd else "", acc, row["file_mb"])
     return row, refs
 
@@ -90,11 +90,12 @@ def _training_meta(pt: Path) -> dict | None:
     return {k: meta.get(k) for k in ("steps", "first_loss", "last_loss", "seconds")}
 
 
-def peers_flags(key: str, steps: int, kd: bool, args) -> str:
-    """The ``peers.py`` flags that build this same file (QAT budget, lr, distillation)."""
-    flags = [f"--qat-steps {steps}", f"--lr {args.lr:g}"]
+def peers_flags(row: dict) -> str:
+    """The ``peers.py`` flags that build the same file as ``row`` (QAT budget, lr, distillation for this key only)."""
+    key, kd = row["key"], row["distill"]
+    flags = [f"--steps-for {key}={row['qat_steps']}", f"--lr {row['lr']:g}"]
     if kd:
-        flags.append(f"--distill --distill-alpha {args.distill_alpha:g} --distill-temperature {args.distill_temperature:g}")
+        flags.append(f"--distill {key} --distill-alpha {kd['alpha']:g} --distill-temperature {kd['temperature']:g}")
     return " ".join(flags)
 
 
@@ -144,7 +145,7 @@ def markdown(data: dict) -> str:
     lines += ["", "## Reproduce in peers.py", "",
               "Each row's `peers.py` flags build the same file (same name, reused from the work directory):", ""]
     lines += [f"- {r['label']} ({r['qat_steps']} steps, {'distilled' if r['distill'] else 'plain'}): "
-              f"`python benchmarks/peers.py {r['peers_flags']}`" for r in rows]
+              f"`python benchmarks/peers.py {peers_flags(r)}`" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                  "references": {}}
     if data.get("format") != FORMAT or data.get("version", 0) > VERSION:
         raise QbertEdgeError(f"{path}: not a {FORMAT} v{VERSION} file")
+    for r in data["rows"]:
+        r.pop("peers_flags", None)  # v1 files of the first runs stored it; computed now (peers_flags)
     data["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     if specs:
         from qbert_edge.data import load_data

@@ -16,7 +16,8 @@ in ``--workdir`` (see ``peer_models.py``):
   2/3 MP and 2/4 MP with 2-bit word embeddings (the only way to a file 3x smaller than ORT int8:
   MiniLM's 8-bit word table alone is half of it), and w4 with 4-bit word embeddings (against
   ORT's 4-bit + ``GatherBlockQuantized`` files); activations 8 bits. ``--distill`` makes every
-  QAT row distil from the fp32 classifier (:mod:`qbert_edge.distill`; beyond Q-BERT);
+  QAT row distil from the fp32 classifier (:mod:`qbert_edge.distill`; beyond Q-BERT), ``--distill
+  KEY ...`` only those;
   ``--steps-for KEY=N`` gives one variant its own QAT budget. On MiniLM the MP plans give
   the higher width to the ``--high-layers`` layers with the largest Hessian Omega
   (``models/minilm-rt/sensitivity.json``, as ``qbert-edge allocate``) and are trained with
@@ -188,7 +189,7 @@ def ensure_reference() -> None:
 
 def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: float = 5e-5,
           high_layers: int = 2, directq: frozenset[str] = frozenset(), until: float | None = None,
-          distill=None, steps_for: dict[str, int] | None = None,
+          distill=None, steps_for: dict[str, int] | None = None, distill_keys: frozenset[str] | None = None,
           ) -> tuple[dict[str, Path], dict[str, str]]:
     """The files of ``model`` (``minilm`` or ``bert-base``) for the variants ``keys`` (ORT fp32
     always: the other ONNX peers are made from it), built once in ``workdir``, and a plan note per
@@ -197,7 +198,8 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
     (random weights): DirectQ, MP high layers the first half. Ours are built in :data:`PRIORITY`
     order; after the time ``until`` (epoch s) no new one is started (already built ones are used).
     ``steps_for`` overrides ``qat_steps`` per key; ``distill`` (a
-    :class:`qbert_edge.distill.DistillConfig`) makes every QAT row distil from the fp32 model."""
+    :class:`qbert_edge.distill.DistillConfig`) makes every QAT row distil from the fp32 model, or
+    only the keys in ``distill_keys`` if given."""
     workdir.mkdir(parents=True, exist_ok=True)
     if model == "minilm":
         ensure_reference()
@@ -225,7 +227,7 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
             continue
         plan, note = ours_plan(OURS[key], shapes, layers, sens, high_layers)
         n = 0 if key in directq or model != "minilm" else (steps_for or {}).get(key, steps)
-        kd = distill if n else None
+        kd = distill if n and (distill_keys is None or key in distill_keys) else None
         name = f"{model}-{key}-{'qat%d' % n if n else 'dq'}{'kd' if kd else ''}-{plan_digest(plan, n, lr, kd)}"
         pt, onnx_path = workdir / f"{name}.pt", workdir / f"{name}.onnx"
         if until and time.time() > until and not (pt.exists() and onnx_path.exists()):
@@ -671,8 +673,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-5, help="QAT learning rate.")
     parser.add_argument("--steps-for", nargs="*", default=[], metavar="KEY=N",
                         help="QAT steps for these of ours on MiniLM instead of --qat-steps (e.g. ours-w4-e4=240).")
-    parser.add_argument("--distill", action="store_true",
-                        help="Every QAT row of ours distils from the fp32 classifier (KL on softened logits + CE).")
+    parser.add_argument("--distill", nargs="*", default=None, choices=sorted(OURS), metavar="KEY",
+                        help="QAT rows of ours distil from the fp32 classifier (KL on softened logits + CE): "
+                             "every one, or only these KEYs.")
     parser.add_argument("--distill-alpha", type=float, default=0.5, help="Weight of the distillation term.")
     parser.add_argument("--distill-temperature", type=float, default=2.0, help="Distillation softmax temperature.")
     parser.add_argument("--directq", nargs="*", default=[], choices=sorted(OURS), metavar="KEY",
@@ -689,12 +692,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="Stop measuring this many seconds after the start (partial run; 0: no limit).")
     args = parser.parse_args(argv)
     args.steps_for = parse_steps_for(args.steps_for)
-    if args.distill:
+    args.distill_keys = frozenset(args.distill) if args.distill else None
+    if args.distill is not None:
         from qbert_edge.distill import DistillConfig
 
         args.distill = DistillConfig(args.distill_alpha, args.distill_temperature)
-    else:
-        args.distill = None
     if args.report_only:
         data = json.loads((args.out / "peers.json").read_text())
         write_report(data["rows"], data["meta"], args)
@@ -722,7 +724,7 @@ def main(argv: list[str] | None = None) -> None:
         paths, notes[model] = build(model, args.workdir, {v.key for v in variants}, args.qat_steps, args.lr,
                                     args.high_layers, frozenset(args.directq),
                                     started + args.build_limit if args.build_limit else None,
-                                    args.distill, args.steps_for)
+                                    args.distill, args.steps_for, args.distill_keys)
         paths = {k: p for k, p in paths.items() if any(v.key == k for v in variants)}
         t1 = time.time()
         acc = {}
@@ -769,7 +771,8 @@ def main(argv: list[str] | None = None) -> None:
                        + (f" (steps per variant: {', '.join(f'{k} {n}' for k, n in args.steps_for.items())})"
                           if args.steps_for else "")
                        + (f", distilled from it (KL on logits at T {args.distill.temperature:g}, weight "
-                          f"{args.distill.alpha:g}, + CE)" if args.distill else "")
+                          f"{args.distill.alpha:g}, + CE)" + (f" for {', '.join(sorted(args.distill_keys))}"
+                                                            if args.distill_keys else "") if args.distill else "")
                        + (f", except {', '.join(args.directq)}: DirectQ (64 calibration sentences)" if args.directq else ""))
                       if args.qat_steps or args.steps_for else "DirectQ (64 calibration sentences, no training)",
             "bert-base": "DirectQ (64 calibration sentences; random weights, sizes and speed only)"},

@@ -31,8 +31,7 @@ def test_run_specs(distill):
 
 def _row(key, acc, mb, kd=True):
     return {"key": key, "label": key, "qat_steps": 240, "lr": 5e-5, "accuracy": acc, "file_mb": mb, "file": key,
-            "distill": {"alpha": 0.5, "temperature": 2.0} if kd else None, "training": None, "command": "c",
-            "peers_flags": "--qat-steps 240"}
+            "distill": {"alpha": 0.5, "temperature": 2.0} if kd else None, "training": None, "command": "c"}
 
 
 REFS = {"ort-int8": {"accuracy": 0.816, "file_mb": 23.3}, "ort-4b32-g": {"accuracy": 0.820, "file_mb": 15.0},
@@ -51,4 +50,13 @@ def test_markdown_lists_rows_and_peers_flags(distill):
     text = distill.markdown({"rows": [_row("ours-w4-e4", 0.821, 12.1)], "references": REFS, "machine": "m",
                              "dev_examples": 854})
     assert "854 sentences" in text and "| ORT quantize_dynamic int8 per-channel |" in text
-    assert "`python benchmarks/peers.py --qat-steps 240`" in text
+    assert ("`python benchmarks/peers.py --steps-for ours-w4-e4=240 --lr 5e-05 --distill ours-w4-e4 "
+            "--distill-alpha 0.5 --distill-temperature 2`") in text
+
+
+def test_peers_flags_name_only_this_variant(distill):
+    plain = {"key": "ours-w4-e4", "qat_steps": 240, "lr": 5e-5, "distill": None}
+    kd = {"key": "ours-mp24-e2", "qat_steps": 240, "lr": 5e-5, "distill": {"alpha": 1.0, "temperature": 1.0}}
+    assert distill.peers_flags(plain) == "--steps-for ours-w4-e4=240 --lr 5e-05"
+    assert distill.peers_flags(kd) == (
+        "--steps-for ours-mp24-e2=240 --lr 5e-05 --distill ours-mp24-e2 --distill-alpha 1 --distill-temperature 1")
