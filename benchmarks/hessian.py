@@ -345,9 +345,11 @@ def main() -> None:
     for part, skipped in (("analysis", args.skip_analysis), ("costs", args.skip_costs)):
         if skipped and part in earlier:  # keep the earlier run's part next to the new one
             result[part] = earlier[part]
-            result["notes"].append(f"{part} from an earlier run (commit {earlier['environment'].get('commit')}, "
-                                   f"{earlier['environment'].get('torch_threads')} threads)")
-            result["notes"] += [n for n in earlier.get("notes", []) if n.startswith(part)]
+            kept = [n for n in earlier.get("notes", []) if n.startswith(part)]
+            if not any(n.startswith(f"{part} from an earlier run") for n in kept):  # else: already says where from
+                kept.insert(0, f"{part} from an earlier run (commit {earlier['environment'].get('commit')}, "
+                               f"{earlier['environment'].get('torch_threads')} threads)")
+            result["notes"] += kept
             if part == "analysis" and "comparison" in earlier:
                 result["comparison"] = earlier["comparison"]
     if not args.skip_analysis:
