@@ -115,7 +115,7 @@ def targets(rows: list[dict], refs: dict) -> list[str]:
             ok = ratio >= 3 and r["accuracy"] >= int8["accuracy"]
             checks.append(f"vs ORT int8 ({int8['file_mb']:.1f} MB, {int8['accuracy']:.3f}): {ratio:.2f}x smaller, "
                           f"{(r['accuracy'] - int8['accuracy']) * 100:+.1f} pt -> {'MET' if ok else 'not met'}")
-        kd = "distilled" if r["distill"] else "plain QAT"
+        kd = f"distilled (alpha {r['distill']['alpha']:g}, T {r['distill']['temperature']:g})" if r["distill"] else "plain QAT"
         out.append(f"- {r['label']}, {r['qat_steps']} steps, {kd}: " + ("; ".join(checks) or "no target applies"))
     return out
 
@@ -124,7 +124,9 @@ def markdown(data: dict) -> str:
     rows, refs = data["rows"], data["references"]
     lines = ["# Distillation during QAT vs onnxruntime's rows (issue 8)", "",
              f"Machine: {data['machine']}. Accuracy on `rt:dev` ({data.get('dev_examples', '?')} sentences, 128 tokens) on the `ort` backend "
-             "(ours) or plain onnxruntime (peers), one pass; one seed per row, so a few tenths of a point are noise. "
+             "(ours) or plain onnxruntime (peers), one pass" + (f" (one sentence = {100 / data['dev_examples']:.3f} pt)"
+                                                   if isinstance(data.get("dev_examples"), int) else "")
+             + "; one seed per row, so a few tenths of a point are noise. "
              "QAT: batch 32, max length 64, on `rt:train`; plans as `benchmarks/peers.py` (128 groups, Hessian MP "
              "layers, activations and other embeddings 8-bit). Files in the `peers.py` work directory. Last loss: the "
              "training loss of the last step (with distillation it includes the KL term, so it is not comparable "
@@ -144,7 +146,7 @@ def markdown(data: dict) -> str:
     lines += ["", "## Targets (computed from the rows above)", ""] + targets(rows, refs)
     lines += ["", "## Reproduce in peers.py", "",
               "Each row's `peers.py` flags build the same file (same name, reused from the work directory):", ""]
-    lines += [f"- {r['label']} ({r['qat_steps']} steps, {'distilled' if r['distill'] else 'plain'}): "
+    lines += [f"- {r['label']} ({r['qat_steps']} steps, {'distilled' if r['distill'] else 'plain QAT'}): "
               f"`python benchmarks/peers.py {peers_flags(r)}`" for r in rows]
     return "\n".join(lines) + "\n"
 
