@@ -84,7 +84,8 @@ def _figures() -> list[tuple[str, str, dict]]:
 
     ``ours`` on ``ort`` runs at the backend's default ``accuracy_level``, then at the other of
     0/4, then at level 4 with 2-bit layers widened to 4 bits (what the backend did before its
-    2-bit rule, :func:`qbert_edge.runtime.native.keeps_2bit`), then at the default level without
+    2-bit rule, :func:`qbert_edge.runtime.native.keeps_2bit`), then with the opt-in
+    ``RuntimeOptions(int8_matmul=True)`` (integer GEMM on int8 weights), then at the default level without
     the spill (``RuntimeOptions(spill=False)``: widened codes handed to onnxruntime from memory, as
     before issue #6's load-peak fix), then without the embedding tables' random-access advice
     (``RuntimeOptions(random_tables=False)``: a gather's page faults map their cached neighbours).
@@ -101,6 +102,8 @@ def _figures() -> list[tuple[str, str, dict]]:
         (f"ours 2/3 MP, backend ort, accuracy_level {other}", "ours", {"backend": "ort", "accuracy_level": other}),
         ("ours 2/3 MP, backend ort, accuracy_level 4, 2-bit widened to 4", "ours",
          {"backend": "ort", "accuracy_level": 4, "widen_2bit": True}),
+        ("ours 2/3 MP, backend ort, int8_matmul (opt-in: int8 weights, integer GEMM)", "ours",
+         {"backend": "ort", "int8_matmul": True}),
         (f"ours 2/3 MP, backend ort (accuracy_level {level}), spill off: widened codes handed over from memory", "ours",
          {"backend": "ort", "spill": False}),
         (f"ours 2/3 MP, backend ort (accuracy_level {level}), random_tables off: embedding pages faulted around",

@@ -99,6 +99,11 @@ class RuntimeOptions:
     (embeddings) are read at random (:func:`~qbert_edge.runtime.loader.advise_random`: no
     fault-around, no read-ahead; Linux only), so a run maps the pages of the rows it reads and
     not 64 KiB around each.
+    ``int8_matmul`` (opt-in, the "fast" option; ``ort`` only): matmuls whose activations the plan
+    quantizes to 8 bits run as onnxruntime's integer GEMM (``MatMulIntegerToFloat``) on int8
+    copies of their weights (:mod:`~qbert_edge.runtime.native`: same numbers up to float
+    rounding). Several times faster on CPUs with int8 dot products, but those weights are held
+    at 1 byte each instead of 0.5 (BERT-base: +42 MB, docs/runtime.md).
     """
 
     threads: int | None = None
@@ -111,10 +116,13 @@ class RuntimeOptions:
     return_memory: bool = True
     spill: bool = True
     random_tables: bool = True
+    int8_matmul: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.random_tables, bool):
             raise QbertEdgeError(f"random_tables must be True or False, got {self.random_tables!r}")
+        if not isinstance(self.int8_matmul, bool):
+            raise QbertEdgeError(f"int8_matmul must be True or False, got {self.int8_matmul!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise QbertEdgeError(f"threads must be a positive integer, got {self.threads!r}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
@@ -454,7 +462,8 @@ def _native_backend(model, weights: dict[str, np.ndarray], options: RuntimeOptio
         from qbert_edge.runtime import native
 
         model, weights = native.native_rewrite(model, weights, strict=False, accuracy_level=options.accuracy_level,
-                                               widen_2bit=options.widen_2bit, store=store, release=graph.forget)
+                                               widen_2bit=options.widen_2bit, store=store, release=graph.forget,
+                                               int8=options.int8_matmul)
     # a --target ort export (or any ONNX model) runs as it is, but for the settings below
     if options.accuracy_level is not None:
         set_accuracy_level(model, options.accuracy_level)

@@ -65,6 +65,7 @@ class MeasureConfig:
     spill: bool | None = None
     mem_pattern: bool | None = None
     random_tables: bool | None = None
+    int8_matmul: bool | None = None
     engine: str = "qbert-edge"
     seed: int = 0
 
@@ -82,7 +83,7 @@ class MeasureConfig:
         from qbert_edge.runtime.backends import RuntimeOptions
 
         keys = ("threads", "arena", "prepacking", "optimization", "accuracy_level", "widen_2bit", "return_memory",
-                "spill", "mem_pattern", "random_tables")
+                "spill", "mem_pattern", "random_tables", "int8_matmul")
         given = {k: getattr(self, k) for k in keys}
         return RuntimeOptions(**{k: v for k, v in given.items() if v is not None})
 

@@ -27,6 +27,15 @@ becomes ``com.microsoft::GatherBlockQuantized``, with the same numbers:
   (:data:`WIDEN_CHUNK` codes: the temporaries stay ~2 MB, where one pass over a 768 x 3072 3-bit
   matrix made ~28 MB of them).
 - Zero points are passed packed (uint8, ``ceil(blocks*bits/8)`` bytes per row), as both ops expect.
+- Opt-in ``int8=True`` (the runtime's "fast" option, ``RuntimeOptions(int8_matmul=True)``): a
+  ``QMatMul`` whose input is ``QuantizeLinear -> DequantizeLinear`` (uint8, per-tensor: the
+  plan's 8-bit activations) and whose weight has at most 7 bits becomes
+  ``com.microsoft::MatMulIntegerToFloat`` on the ``QuantizeLinear`` output and an int8 ``[K, N]``
+  weight ``code - zero`` (fits: ``|code - zero| < 128``) with a per-column scale. The products are
+  integers, summed exactly in int32, then scaled: the same numbers as dequantize-then-matmul up to
+  float rounding. onnxruntime's u8 x s8 GEMM (VNNI/AMX on x86, SDOT on ARM) is several times
+  faster than its fp32 paths, but the weights are held at 8 bits (1 byte per weight, twice a
+  4-bit ``MatMulNBits``): :func:`int8_weight`.
 
 :func:`native_rewrite` works on a model plus a separate ``name -> array`` dict of weights (what the
 runtime's memory-mapped loader holds); :func:`to_native` is the same on a self-contained model.
@@ -181,6 +190,38 @@ def widen_codes(packed: np.ndarray, bits: int, rows: int, cols: int, new_bits: i
     return out
 
 
+def int8_weight(packed: np.ndarray, bits: int, rows: int, cols: int, scales, zero_points, groups: int,
+                chunk: int = WIDEN_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """``(B int8 [cols, rows], scale float32 [rows])`` of a packed ``[rows, cols]`` weight: ``B = (code - zero).T``.
+
+    For ``MatMulIntegerToFloat`` (``y = A @ B * scale``), which takes ``B`` as ``[K, N]`` and one
+    scale per column. Exact for ``bits <= 7``. Works ``chunk`` codes (whole rows) at a time.
+
+    >>> from qbert_edge.runtime.packing import pack
+    >>> b, s = int8_weight(pack(np.array([5, 3, 7, 1], np.uint8), 3), 3, 2, 2, [0.5, 2.0], [4, 1], 2)
+    >>> b.tolist(), s.tolist()
+    ([[1, 6], [-1, 0]], [0.5, 2.0])
+    """
+    if bits > 7:
+        raise ValueError(f"a {bits}-bit weight minus its zero point does not fit in int8")
+    packed = np.asarray(packed, np.uint8).reshape(-1)
+    per_group = rows // groups
+    row_zero = np.repeat(np.asarray(zero_points, np.int16).reshape(-1), per_group)
+    row_scale = np.repeat(np.asarray(scales, np.float32).reshape(-1), per_group)
+    out = np.empty((cols, rows), np.int8)
+    if (cols * bits) % 8:  # rows do not start on byte boundaries: one pass
+        codes = unpack(packed, bits, rows * cols).reshape(rows, cols).astype(np.int16)
+        out[:] = (codes - row_zero[:, None]).T
+        return out, row_scale
+    in_row = cols * bits // 8
+    step = max(1, chunk // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        codes = unpack(packed[r0 * in_row: r1 * in_row], bits, (r1 - r0) * cols).reshape(r1 - r0, cols)
+        out[:, r0:r1] = (codes.astype(np.int16) - row_zero[r0:r1, None]).T
+    return out, row_scale
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     from onnx import helper
 
@@ -198,6 +239,7 @@ def native_rewrite(
     widen_2bit: bool | None = False,
     store: Callable[[np.ndarray], np.ndarray] | None = None,
     release: Callable[[Iterable[np.ndarray]], object] | None = None,
+    int8: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Rewrite every ``QMatMul``/``QGather`` of ``model``; returns ``(new model, new weights)``.
 
@@ -215,7 +257,9 @@ def native_rewrite(
     onnxruntime reads, prepacks and frees; scales, zero points and gathers' tables, which
     onnxruntime keeps as they are, are not stored); ``release`` receives the source arrays a
     rewritten node no longer needs (the runtime drops their mapped pages). Both are for memory
-    only: the numbers are the same without them.
+    only: the numbers are the same without them. ``int8``: matmuls with 8-bit activations become
+    ``MatMulIntegerToFloat`` on int8 weights (module docstring; their weights also go to ``store``),
+    and the ``DequantizeLinear`` nodes left without a consumer are removed.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -236,6 +280,7 @@ def native_rewrite(
     new_weights: dict[str, np.ndarray] = {}
     nodes = []
     kept_custom = rewritten = 0
+    quantized = _quantized_inputs(graph, inside, external) if int8 else {}
     for node in graph.node:
         if node.domain != DOMAIN:
             nodes.append(node)
@@ -254,6 +299,25 @@ def native_rewrite(
             new_bits, block = native_bits(bits), block_size_for(cols, max_block)
         else:
             raise QbertEdgeError(f"model.onnx: unknown {DOMAIN} op {node.op_type!r}")
+        if node.op_type == "QMatMul" and node.input[0] in quantized and bits <= 7:  # int8=True: MatMulIntegerToFloat
+            base = node.name.split("/")[0] or node.output[0]
+            x, w, s, z = node.input[:4]
+            bias = node.input[4] if len(node.input) > 4 else ""
+            xq, a_scale, a_zero = quantized[x]
+            codes, scale = int8_weight(array(w), bits, rows, cols, array(s), array(z), int(a["groups"]))
+            names = (f"{base}.int8_B", f"{base}.int8_scale")
+            new = helper.make_node(
+                "MatMulIntegerToFloat", [xq, names[0], a_scale, names[1], a_zero, "", bias] if bias
+                else [xq, names[0], a_scale, names[1], a_zero], list(node.output), name=node.name, domain=MS_DOMAIN,
+            )
+            if store is not None and weights is not None:
+                codes = store(codes)
+            new_weights.update(zip(names, (codes, scale)))
+            if release is not None:
+                release([external[i] for i in (w, s, z) if i in external])
+            nodes.append(new)
+            rewritten += 1
+            continue
         if native_bits(bits) != bits and not widen:
             nodes.append(node)
             kept_custom += 1
@@ -299,6 +363,8 @@ def native_rewrite(
         nodes.append(new)
         rewritten += 1
 
+    if int8:
+        nodes = _drop_unused(nodes, {o.name for o in graph.output}, ("DequantizeLinear",))
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
@@ -320,8 +386,41 @@ def native_rewrite(
     return out, result
 
 
+def _quantized_inputs(graph, inside, external) -> dict[str, tuple[str, str, str]]:
+    """``DequantizeLinear`` outputs fed by a per-tensor uint8 ``QuantizeLinear`` with the same scale and
+    zero point -> ``(quantized tensor, scale, zero point)``: the inputs ``MatMulIntegerToFloat`` takes."""
+    from onnx import TensorProto
+
+    def dtype(name: str):
+        if name in inside:
+            return inside[name].data_type, tuple(inside[name].dims)
+        if name in external:
+            arr = np.asarray(external[name])
+            return {np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.float32): TensorProto.FLOAT}.get(arr.dtype), arr.shape
+        return None, None
+
+    producers = {o: n for n in graph.node for o in n.output}
+    found = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) < 3:
+            continue
+        q = producers.get(node.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3 or tuple(q.input[1:3]) != tuple(node.input[1:3]):
+            continue
+        (zt, zshape), (st, sshape) = dtype(node.input[2]), dtype(node.input[1])
+        if zt == TensorProto.UINT8 and st == TensorProto.FLOAT and int(np.prod(zshape)) == 1 and int(np.prod(sshape)) == 1:
+            found[node.output[0]] = (node.input[0], node.input[1], node.input[2])
+    return found
+
+
+def _drop_unused(nodes: list, outputs: set[str], op_types: tuple[str, ...]) -> list:
+    """``nodes`` without those of ``op_types`` whose outputs nothing reads."""
+    used = {i for n in nodes for i in n.input} | outputs
+    return [n for n in nodes if n.op_type not in op_types or any(o in used for o in n.output)]
+
+
 def to_native(model: onnx.ModelProto, *, strict: bool = True, max_block: int = MAX_BLOCK, widen: bool = True,
-              accuracy_level: int | None = None, widen_2bit: bool | None = False) -> onnx.ModelProto:
+              accuracy_level: int | None = None, widen_2bit: bool | None = False, int8: bool = False) -> onnx.ModelProto:
     """:func:`native_rewrite` of a self-contained model (all initializers inside)."""
     return native_rewrite(model, None, strict=strict, max_block=max_block, widen=widen,
-                          accuracy_level=accuracy_level, widen_2bit=widen_2bit)[0]
+                          accuracy_level=accuracy_level, widen_2bit=widen_2bit, int8=int8)[0]
