@@ -69,6 +69,8 @@ def run_one(key: str, steps: int, kd: bool, args) -> tuple[dict, dict]:
                 "file_mb": round(paths[r].stat().st_size / 1e6, 2)} for r in REFERENCES}
     pt = paths[key].with_suffix(".pt")
     training = _training_meta(pt)
+    if training and training.get("steps") not in (None, steps):
+        raise SystemExit(f"{pt.name}: asked for {steps} QAT steps, the file says {training['steps']} were run")
     row = {"key": key, "label": peers.OURS[key].label, "plan": notes.get(key), "qat_steps": steps, "lr": args.lr,
            "distill": distill.to_dict() if distill else None, "accuracy": acc,
            "file_mb": round(paths[key].stat().st_size / 1e6, 2), "file": paths[key].name,

@@ -12,6 +12,7 @@ builds its models once per work directory. What this module does not do: measure
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -162,7 +163,9 @@ def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: f
         if qat_steps > 0:
             kd = f", distilled (alpha {distill.alpha:g}, T {distill.temperature:g})" if distill is not None else ""
             log.info("QAT %s, %d steps at lr %g%s -> %s", scheme, qat_steps, lr, kd, out.name)
-            result = qat_quantize(loaded, plan, train, max_steps=qat_steps, lr=lr, progress=False, distill=distill)
+            epochs = math.ceil(qat_steps / math.ceil(len(train) / 32))  # max_steps only stops early
+            result = qat_quantize(loaded, plan, train, epochs=epochs, max_steps=qat_steps, lr=lr, progress=False,
+                                  distill=distill)
         else:
             log.info("DirectQ %s -> %s", scheme, out.name)
             calib = subsets(train, 1, 64 / len(train), 0)[0]
