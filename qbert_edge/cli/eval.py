@@ -13,7 +13,7 @@ import time
 
 import click
 
-from qbert_edge.cli.run import accuracy_level_option, open_session, runtime_options
+from qbert_edge.cli.run import accuracy_level_option, int8_matmul_option, open_session, runtime_options
 from qbert_edge.errors import QbertEdgeError
 
 EVAL_FORMAT = "qbert-edge/eval"
@@ -21,12 +21,13 @@ EVAL_VERSION = 1
 
 
 def evaluate_onnx(model: str, data: str, backend: str, threads: int | None, batch_size: int,
-                  max_length: int | None, accuracy_level: int | None = None) -> tuple[dict, str]:
+                  max_length: int | None, accuracy_level: int | None = None,
+                  int8_matmul: bool = False) -> tuple[dict, str]:
     """Metrics of an exported model on ``data``; returns (metrics dict, backend used)."""
     from qbert_edge.data import load_data
     from qbert_edge.runtime.metrics import score_logits
 
-    with open_session(model, backend, threads, accuracy_level, max_length=max_length) as session:
+    with open_session(model, backend, threads, accuracy_level, int8_matmul, max_length=max_length) as session:
         if not session.labels:
             raise QbertEdgeError(f"{model}: is a bare encoder without labels; eval needs a classifier")
         dataset = load_data(data, labels=session.labels)
@@ -52,12 +53,13 @@ def evaluate_torch_model(model: str, data: str, batch_size: int, max_length: int
 @click.option("--data", required=True, help="rt:dev, rt:train, rt or a CSV/TSV/JSONL file with text and label.")
 @runtime_options
 @accuracy_level_option
+@int8_matmul_option
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--max-length", type=click.IntRange(2), default=None,
               help="Tokens per text. [default: the model's own (from its metadata or model.pt)]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (qbert-edge/eval v1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
-def command(model, data, backend, threads, accuracy_level, batch_size, max_length, as_json, output) -> None:
+def command(model, data, backend, threads, accuracy_level, int8_matmul, batch_size, max_length, as_json, output) -> None:
     """Accuracy and macro-F1 of MODEL on DATA.
 
     \b
@@ -68,7 +70,8 @@ def command(model, data, backend, threads, accuracy_level, batch_size, max_lengt
     """
     start = time.perf_counter()
     if model.endswith(".onnx"):
-        metrics, used = evaluate_onnx(model, data, backend, threads, batch_size, max_length, accuracy_level)
+        metrics, used = evaluate_onnx(model, data, backend, threads, batch_size, max_length, accuracy_level,
+                                      int8_matmul)
     else:
         if backend not in ("auto", "torch"):
             raise QbertEdgeError(f"{model}: --backend applies to an exported .onnx model; this one runs in torch")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from qbert_edge.cli.run import accuracy_level_option, runtime_options
+from qbert_edge.cli.run import accuracy_level_option, int8_matmul_option, runtime_options
 
 
 def format_report(r: dict) -> str:
@@ -45,13 +45,14 @@ def format_report(r: dict) -> str:
 @click.option("--optimization", type=click.Choice(["disabled", "basic", "extended", "all"]), default=None,
               help="onnxruntime graph optimization level. [default: all]")
 @accuracy_level_option
+@int8_matmul_option
 @click.option("--random-tables/--no-random-tables", default=None,
               help="Advise the embedding tables random-access after loading (no fault-around; Linux). [default: on]")
 @click.option("--plain-ort", is_flag=True, help="Measure onnxruntime.InferenceSession(MODEL) with its defaults instead (a baseline).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (qbert-edge/measure v1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
 def command(model, backend, threads, batch, seq_len, runs, warmup, arena, prepacking, optimization, accuracy_level,
-            random_tables, plain_ort, as_json, output) -> None:
+            int8_matmul, random_tables, plain_ort, as_json, output) -> None:
     """Latency and DRAM of MODEL on random tokens, measured in a fresh process.
 
     The model's share of DRAM is the peak RSS (VmHWM) minus the RSS of a process that only
@@ -67,6 +68,7 @@ def command(model, backend, threads, batch, seq_len, runs, warmup, arena, prepac
     config = MeasureConfig(model=model, backend=backend, batch=batch, seq_len=seq_len, runs=runs, warmup=warmup,
                            threads=threads, arena=arena, prepacking=prepacking, optimization=optimization,
                            accuracy_level=accuracy_level, random_tables=random_tables,
+                           int8_matmul=True if int8_matmul else None,
                            engine="plain-ort" if plain_ort else "qbert-edge")
     report = measure(config)
     if output:

@@ -38,15 +38,21 @@ def _accuracy_level_help() -> str:
 
 accuracy_level_option = click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
                                      help=_accuracy_level_help())
+int8_matmul_option = click.option(
+    "--int8-matmul", is_flag=True,
+    help="Backend ort: run the matmuls with 8-bit activations as onnxruntime's integer GEMM on int8 "
+         "weights (same numbers up to float rounding; several times faster on CPUs with int8 dot products; "
+         "the weights take 1 byte each instead of 0.5: more DRAM, see docs/runtime.md).")
 
 
-def open_session(model: str, backend: str, threads: int | None, accuracy_level: int | None = None, **kwargs):
+def open_session(model: str, backend: str, threads: int | None, accuracy_level: int | None = None,
+                 int8_matmul: bool = False, **kwargs):
     """A :class:`~qbert_edge.runtime.session.Session`; QbertEdgeErrors pass through as one line."""
     from qbert_edge.runtime.backends import RuntimeOptions
     from qbert_edge.runtime.session import Session
 
     level = {} if accuracy_level is None else {"accuracy_level": accuracy_level}  # None: the runtime's default
-    options = RuntimeOptions(threads=threads, **level)
+    options = RuntimeOptions(threads=threads, int8_matmul=bool(int8_matmul), **level)
     return Session(model, backend=backend, options=options, **kwargs)
 
 
@@ -77,9 +83,10 @@ def read_texts(texts: tuple[str, ...], file: str | None) -> list[str]:
 @click.option("--file", "file", type=click.Path(dir_okay=False), help="A UTF-8 file with one text per line.")
 @runtime_options
 @accuracy_level_option
+@int8_matmul_option
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (qbert-edge/predictions v1).")
-def command(model, texts, file, backend, threads, accuracy_level, batch_size, as_json) -> None:
+def command(model, texts, file, backend, threads, accuracy_level, int8_matmul, batch_size, as_json) -> None:
     """Classify texts with MODEL (an exported model.onnx); a bare encoder gives sentence vectors.
 
     \b
@@ -89,7 +96,7 @@ def command(model, texts, file, backend, threads, accuracy_level, batch_size, as
       qbert-edge run encoder.onnx --text "a film" --json     # mean-pooled, unit-length vectors
     """
     items = read_texts(texts, file)
-    with open_session(model, backend, threads, accuracy_level) as session:
+    with open_session(model, backend, threads, accuracy_level, int8_matmul) as session:
         if not session.is_classifier:
             vectors = session.embed(items, batch_size=batch_size)
             _print_embeddings(model, session.backend, items, vectors, as_json)

@@ -141,3 +141,21 @@ def test_backend_option_spills_the_int8_weights(tmp_path):
     assert not list(tmp_path.glob(".qbert-edge-*"))  # the spill file is gone once the session exists
     with pytest.raises(Exception, match="int8_matmul"):
         RuntimeOptions(int8_matmul=1)
+
+
+def test_cli_flag_reaches_the_session(tmp_path):
+    from click.testing import CliRunner
+
+    from qbert_edge.cli import eval as eval_cli, measure as measure_cli, run as run_cli
+
+    for cmd in (run_cli.command, eval_cli.command, measure_cli.command):
+        assert "--int8-matmul" in CliRunner().invoke(cmd, ["--help"]).output
+    k, n = 64, 24
+    model, expected = graph(3, k, n=n)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    x = feeds(k)
+    with run_cli.open_session(str(path), "ort", 1, None, True, require_metadata=False) as session:
+        assert session.options.int8_matmul
+        got = session._backend.run({"x": x})["y"]  # Session.run checks for token-id inputs
+    assert np.abs(got - expected(x)).max() <= RTOL * np.abs(expected(x)).max()
