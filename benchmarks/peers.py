@@ -749,7 +749,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from qbert_edge.fileio import write_json
 
-    full = sum(len(v.engines) for v in ALL_VARIANTS) * 2
+    chosen = (() if args.skip_minilm else ("minilm",)) + (() if args.skip_bert_base else ("bert-base",))
+    full = sum(len(v.engines) for v in ALL_VARIANTS) * len(chosen)  # a skipped model (--skip-*) is not missing
     earlier, old_meta = [], {}
     if args.append and (args.out / "peers.json").is_file():
         old = json.loads((args.out / "peers.json").read_text())
