@@ -28,7 +28,7 @@ This module knows nothing about models or data (:mod:`qbert_edge.hessian` builds
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,6 +107,19 @@ def _unit_starts(start: Mapping[Hashable, Sequence[torch.Tensor]]) -> Blocks:
     return out
 
 
+def _rounds(blocks, done: Mapping[Hashable, EigenResult], max_iter: int,
+            callback: Callable[[int, list[Hashable]], None] | None) -> Iterator[tuple[int, list[Hashable]]]:
+    """``(iteration, blocks still running)`` for each operator call, ``callback`` called first;
+    stops at ``max_iter`` or when every block is in ``done``."""
+    for it in range(1, max_iter + 1):
+        running = [k for k in blocks if k not in done]
+        if not running:
+            return
+        if callback is not None:
+            callback(it, running)
+        yield it, running
+
+
 def power_iteration(
     operator: Operator,
     start: Mapping[Hashable, Sequence[torch.Tensor]],
@@ -132,12 +145,7 @@ def power_iteration(
     vectors = _unit_starts(start)
     history: dict[Hashable, list[float]] = {k: [] for k in vectors}
     done: dict[Hashable, EigenResult] = {}
-    for it in range(1, max_iter + 1):
-        running = [k for k in vectors if k not in done]
-        if not running:
-            break
-        if callback is not None:
-            callback(it, running)
+    for it, running in _rounds(vectors, done, max_iter, callback):
         products = operator({k: vectors[k] for k in running})
         for k in running:
             av = products[k]
@@ -232,12 +240,7 @@ def lanczos(
         raise QbertEdgeError(f"Lanczos needs max_basis >= 2, got {max_basis}")
     states = {k: _Krylov(v, max_basis) for k, v in _unit_starts(start).items()}
     done: dict[Hashable, EigenResult] = {}
-    for it in range(1, max_iter + 1):
-        running = [k for k in states if k not in done]
-        if not running:
-            break
-        if callback is not None:
-            callback(it, running)
+    for it, running in _rounds(states, done, max_iter, callback):
         products = operator({k: states[k].basis[-1] for k in running})
         for k in running:
             state = states[k]

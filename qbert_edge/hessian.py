@@ -41,7 +41,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from qbert_edge.eigen import (  # noqa: F401  (re-exported: the solvers are part of this module's API)
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
+    Blocks,
     EigenResult,
     Operator,
     deflated,
@@ -65,7 +65,6 @@ from qbert_edge.sensitivity import Landscape, LayerSensitivity, Sensitivity, dia
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, torch.Tensor]
-Blocks = dict[Hashable, list[torch.Tensor]]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 PARAMS_NOTE = (
