@@ -721,7 +721,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     phases: dict[str, dict] = {}
     notes: dict[str, dict] = {}
-    for model in (() if args.skip_minilm else ("minilm",)) + (() if args.skip_bert_base else ("bert-base",)):
+    chosen = (() if args.skip_minilm else ("minilm",)) + (() if args.skip_bert_base else ("bert-base",))
+    for model in chosen:
         if args.deadline and time.time() > args.deadline:
             log.warning("deadline reached: %s not built or measured", model)
             continue
@@ -749,7 +750,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from qbert_edge.fileio import write_json
 
-    chosen = (() if args.skip_minilm else ("minilm",)) + (() if args.skip_bert_base else ("bert-base",))
     full = sum(len(v.engines) for v in ALL_VARIANTS) * len(chosen)  # a skipped model (--skip-*) is not missing
     earlier, old_meta = [], {}
     if args.append and (args.out / "peers.json").is_file():
