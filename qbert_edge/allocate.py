@@ -123,6 +123,7 @@ def allocate_bits(
     token_type_bits: int | None = 8,
     head_bits: int | None = 8,
     symmetric: bool = False,
+    clip: str = "minmax",
     source: str = "",
 ) -> Plan:
     """A plan for the model ``sens`` describes (see the module docstring for the rules)."""
@@ -153,7 +154,7 @@ def allocate_bits(
     def build(k: int) -> Plan:
         top = set(ranking[:k])
         layer_bits = {i: (scheme.hi if i in top else scheme.lo) for i in ranking}
-        return _plan(sens, layer_bits, fixed, k, scheme, groups, embedding_bits, head_bits, symmetric)
+        return _plan(sens, layer_bits, fixed, k, scheme, groups, embedding_bits, head_bits, symmetric, clip)
 
     if scheme.uniform:
         if high_layers is not None:
@@ -179,7 +180,7 @@ def allocate_bits(
     return _with_meta(plan, sens, scheme, k, avg_bits, budget_mb, source)
 
 
-def _plan(sens, layer_bits, fixed, k, scheme, groups, embedding_bits, head_bits, symmetric) -> Plan:
+def _plan(sens, layer_bits, fixed, k, scheme, groups, embedding_bits, head_bits, symmetric, clip) -> Plan:
     reasons = {}
     for name in sens.shapes:
         i = layer_index(name)
@@ -200,6 +201,7 @@ def _plan(sens, layer_bits, fixed, k, scheme, groups, embedding_bits, head_bits,
         scheme.lo,
         groups,
         symmetric=symmetric,
+        clip=clip,
         embedding_bits=embedding_bits,
         head_bits=head_bits,
         layer_bits=layer_bits,

@@ -2,12 +2,14 @@
 
 The plan is data, not code. The same plan drives fake quantization during training
 (:mod:`qbert_edge.qmodel`) and the real packing at export, so training simulates exactly
-the numbers the device computes. It is saved as versioned JSON (``qbert-edge/plan`` v1)::
+the numbers the device computes. It is saved as versioned JSON (``qbert-edge/plan`` v2)::
 
-    {"format": "qbert-edge/plan", "version": 1, "activation_bits": 8,
+    {"format": "qbert-edge/plan", "version": 2, "activation_bits": 8,
      "modules": {"encoder.layer.0.attention.self.query":
-                     {"bits": 3, "groups": 128, "symmetric": false, "shape": [384, 384],
+                     {"bits": 3, "groups": 128, "symmetric": false, "clip": "mse", "shape": [384, 384],
                       "reason": "rank 1 of 6 by Hessian (omega=12.3)"}, ...}}
+
+Version 2 added ``clip`` (how a group's range is chosen); a v1 plan reads as ``clip="minmax"``.
 
 Module names are relative to the encoder (``bert.`` is dropped for a classifier):
 ``embeddings.{word,position,token_type}_embeddings``, ``encoder.layer.N.attention.self.{query,key,value}``,
@@ -31,8 +33,10 @@ from qbert_edge.errors import QbertEdgeError
 from qbert_edge.fileio import read_json, write_json
 
 PLAN_FORMAT = "qbert-edge/plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 MIN_BITS, MAX_BITS = 2, 8
+#: how a group's range is chosen: its min/max, or the min/max narrowed to the least squared error
+CLIPS = ("minmax", "mse")
 
 EMBEDDINGS = {
     "word": "embeddings.word_embeddings",
@@ -74,8 +78,11 @@ class ModuleQuant:
     """How one weight is quantized: ``bits`` per code, ``groups`` blocks of output rows.
 
     ``symmetric`` fixes the zero point at ``2**(bits-1)``; asymmetric (the default) takes the
-    group's min/max range. ``shape`` is the weight's ``(rows, cols)`` (``[out, in]`` for a
-    Linear, ``[vocab, hidden]`` for an embedding); ``reason`` says why it got these bits.
+    group's min/max range. ``clip="mse"`` narrows each group's range by the factor with the
+    least squared error (:func:`qbert_edge.quant.mse_shrink`, chosen once from the weights the
+    quantization starts from); ``"minmax"`` keeps the full range. ``shape`` is the weight's
+    ``(rows, cols)`` (``[out, in]`` for a Linear, ``[vocab, hidden]`` for an embedding);
+    ``reason`` says why it got these bits.
     """
 
     bits: int
@@ -83,6 +90,7 @@ class ModuleQuant:
     shape: tuple[int, int]
     symmetric: bool = False
     reason: str = ""
+    clip: str = "minmax"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -107,6 +115,8 @@ class ModuleQuant:
             raise QbertEdgeError(
                 f"plan: {name}: groups={self.groups!r} does not divide its {rows} rows"
             )
+        if self.clip not in CLIPS:
+            raise QbertEdgeError(f"plan: {name}: clip={self.clip!r} is not one of {', '.join(CLIPS)}")
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,7 @@ def uniform_plan(
     groups: int = 128,
     *,
     symmetric: bool = False,
+    clip: str = "minmax",
     embedding_bits: Mapping[str, int | None] | None = None,
     head_bits: int | None = 8,
     activation_bits: int | None = 8,
@@ -221,7 +232,8 @@ def uniform_plan(
     Encoder Linears get ``bits`` (or ``layer_bits[i]`` for layer i, or ``module_bits[suffix]``
     for a Linear kind such as ``"intermediate.dense"``; the most specific wins) with up to
     ``groups`` groups; embeddings get ``embedding_bits`` (default 8 for each table, one group per
-    row; ``None`` keeps a table fp32); pooler and classifier get ``head_bits``.
+    row; ``None`` keeps a table fp32); pooler and classifier get ``head_bits``. Every module
+    gets ``symmetric`` and ``clip``.
     """
     embedding_bits = {"word": 8, "position": 8, "token_type": 8} if embedding_bits is None else embedding_bits
     modules: dict[str, ModuleQuant] = {}
@@ -244,5 +256,5 @@ def uniform_plan(
         if b is None:
             continue
         reason = (reasons or {}).get(name, "")
-        modules[name] = ModuleQuant(bits=b, groups=g, shape=tuple(shape), symmetric=symmetric, reason=reason)
+        modules[name] = ModuleQuant(bits=b, groups=g, shape=tuple(shape), symmetric=symmetric, reason=reason, clip=clip)
     return Plan(modules=modules, activation_bits=activation_bits, meta=meta or {})

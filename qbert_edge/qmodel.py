@@ -27,7 +27,7 @@ from torch import nn
 
 from qbert_edge.errors import QbertEdgeError
 from qbert_edge.plan import EMBEDDINGS, HEAD_LINEARS, LAYER_LINEARS, ModuleQuant, Plan
-from qbert_edge.quant import QTensor, activation_params, fake_quantize, quantize, quantize_activation
+from qbert_edge.quant import QTensor, activation_params, fake_quantize, mse_shrink, quantize, quantize_activation
 
 EMA_MOMENTUM = 0.9
 
@@ -74,20 +74,34 @@ class ActivationQuant(nn.Module):
 
 
 class _Quantized:
-    """What QuantLinear and QuantEmbedding share: a spec, a fake-quantized weight, frozen codes."""
+    """What QuantLinear and QuantEmbedding share: a spec, a fake-quantized weight, frozen codes.
+
+    With ``spec.clip == "mse"`` the per-group shrink factors are chosen once, from the weight
+    the first forward pass (or :meth:`freeze`) sees, and then held: QAT trains against the
+    same narrowed ranges that the frozen codes use.
+    """
 
     spec: ModuleQuant
     frozen: QTensor | None
+    shrink: torch.Tensor | None = None
+
+    def range_shrink(self) -> torch.Tensor | None:
+        """The per-group shrink factors of this module (``None``: min/max ranges)."""
+        if self.spec.clip == "minmax":
+            return None
+        if self.shrink is None:
+            self.shrink = mse_shrink(self.weight, self.spec)
+        return self.shrink
 
     def quantized_weight(self) -> torch.Tensor:
         if self.frozen is not None:
             return self.weight
-        return fake_quantize(self.weight, self.spec)
+        return fake_quantize(self.weight, self.spec, self.range_shrink())
 
     def freeze(self) -> QTensor:
         """Fix the integer codes of the current weight; the weight becomes ``dequantize(codes)``."""
         with torch.no_grad():
-            self.frozen = quantize(self.weight, self.spec)
+            self.frozen = quantize(self.weight, self.spec, self.range_shrink())
             self.weight.copy_(self.frozen.dequantize())
         return self.frozen
 
@@ -119,7 +133,7 @@ class QuantLinear(_Quantized, nn.Linear):
         return F.linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.spec.bits}, groups={self.spec.groups}"
+        return f"{super().extra_repr()}, bits={self.spec.bits}, groups={self.spec.groups}, clip={self.spec.clip}"
 
 
 class QuantEmbedding(_Quantized, nn.Embedding):
@@ -137,7 +151,7 @@ class QuantEmbedding(_Quantized, nn.Embedding):
         return F.embedding(ids, self.quantized_weight(), self.padding_idx)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.spec.bits}"
+        return f"{super().extra_repr()}, bits={self.spec.bits}, clip={self.spec.clip}"
 
 
 def encoder_of(model: nn.Module) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from qbert_edge.errors import QbertEdgeError
+from qbert_edge.plan import CLIPS
 
 _BITS = click.IntRange(2, 8)
 
@@ -34,9 +35,11 @@ def _embedding_bits(value: str) -> int | None:
 @click.option("--word-bits", default="8", show_default=True, help="Word embedding bits (2..8 or fp32).")
 @click.option("--position-bits", default="8", show_default=True, help="Position embedding bits (2..8 or fp32).")
 @click.option("--symmetric", is_flag=True, help="Symmetric ranges (zero point 2^(b-1)) instead of min/max.")
+@click.option("--clip", type=click.Choice(CLIPS), default="minmax", show_default=True,
+              help="Group ranges: min/max, or narrowed per group to the least squared error (mse; better at 2-3 bits).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write plan.json.")
 def command(sensitivity, scheme, high_layers, avg_bits, budget_mb, groups, attention_bits, ffn_bits, word_bits,
-            position_bits, symmetric, output) -> None:
+            position_bits, symmetric, clip, output) -> None:
     """Bits per encoder layer from SENSITIVITY (a sensitivity.json from `qbert-edge analyze`) -> plan.json.
 
     \b
@@ -52,7 +55,7 @@ def command(sensitivity, scheme, high_layers, avg_bits, budget_mb, groups, atten
     plan = allocate_bits(
         sens, scheme, high_layers=high_layers, avg_bits=avg_bits, budget_mb=budget_mb, groups=groups,
         attention_bits=attention_bits, ffn_bits=ffn_bits, word_bits=_embedding_bits(word_bits),
-        position_bits=_embedding_bits(position_bits), symmetric=symmetric, source=str(sensitivity),
+        position_bits=_embedding_bits(position_bits), symmetric=symmetric, clip=clip, source=str(sensitivity),
     )
     plan.save(output)
     ranking = sens.ranking()

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from qbert_edge.errors import QbertEdgeError
+from qbert_edge.plan import CLIPS
 
 
 @click.command(name="quantize")
@@ -16,6 +17,8 @@ from qbert_edge.errors import QbertEdgeError
 @click.option("--groups", type=click.IntRange(1), default=128, show_default=True, help="Groups of output rows per matrix (with --bits).")
 @click.option("--embedding-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Bits of the word/position/token-type tables (with --bits).")
 @click.option("--symmetric", is_flag=True, help="Symmetric ranges (zero point 2^(b-1)) instead of min/max (with --bits).")
+@click.option("--clip", type=click.Choice(CLIPS), default="minmax", show_default=True,
+              help="Group ranges: min/max, or narrowed per group to the least squared error (mse; better at 2-3 bits; with --bits).")
 @click.option("--direct", is_flag=True, help="DirectQ: post-training quantization, no fine-tuning.")
 @click.option("--data", default=None, help="Training data for QAT, calibration data for DirectQ: a CSV/TSV/JSONL file or rt:train. [default: rt:train]")
 @click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
@@ -29,7 +32,7 @@ from qbert_edge.errors import QbertEdgeError
 @click.option("--distill-temperature", type=click.FloatRange(0, min_open=True), default=2.0, show_default=True, help="Softmax temperature (with --distill).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write model.pt.")
-def command(model, plan_path, bits, groups, embedding_bits, symmetric, direct, data, epochs, lr, batch_size,
+def command(model, plan_path, bits, groups, embedding_bits, symmetric, clip, direct, data, epochs, lr, batch_size,
             max_length, max_steps, calib_size, distill, distill_alpha, distill_temperature, seed, output) -> None:
     """Quantize MODEL (minilm, minilm-rt, a transformers directory or a state dict) -> model.pt.
 
@@ -41,6 +44,8 @@ def command(model, plan_path, bits, groups, embedding_bits, symmetric, direct, d
     """
     if (plan_path is None) == (bits is None):
         raise QbertEdgeError("give exactly one of --plan plan.json or --bits B")
+    if plan_path and (symmetric or clip != "minmax"):
+        raise QbertEdgeError("--symmetric and --clip go with --bits; a plan.json carries its own (qbert-edge allocate --clip)")
     if distill and direct:
         raise QbertEdgeError("--distill trains, --direct does not: give one of them")
     output = Path(output)
@@ -64,7 +69,8 @@ def command(model, plan_path, bits, groups, embedding_bits, symmetric, direct, d
     loaded = load_model(model)
     if plan is None:
         embeddings = {"word": embedding_bits, "position": embedding_bits, "token_type": embedding_bits}
-        plan = uniform_plan(quantizable_shapes(loaded.model), bits, groups, symmetric=symmetric, embedding_bits=embeddings)
+        plan = uniform_plan(quantizable_shapes(loaded.model), bits, groups, symmetric=symmetric, clip=clip,
+                            embedding_bits=embeddings)
     data_spec = data or "rt:train"
     dataset = load_data(data_spec, labels=loaded.labels or None)
     if direct:

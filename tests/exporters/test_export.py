@@ -50,6 +50,15 @@ def test_every_width_exports_and_validates_on_both_targets(bits):
             assert sorted(set(ops["com.microsoft"])) == ["GatherBlockQuantized", "MatMulNBits"]
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_mse_clipped_ranges_export_and_validate(bits):
+    data = quantized_checkpoint(bits, clip="mse")
+    assert {q["clip"] for q in data["plan"]["modules"].values()} == {"mse"}
+    for target in ("portable", "ort"):
+        report = validate_export(export_model(data, target=target), data)
+        assert report.ok, report.summary()
+
+
 def test_mixed_plan_exports_and_validates(mixed):
     for target in ("portable", "ort"):
         model = export_model(mixed, target=target)

@@ -186,6 +186,10 @@ def test_cli_allocate(tmp_path, capsys):
     assert plan.modules["embeddings.word_embeddings"].bits == 4
     assert json.loads(out.read_text())["meta"]["sensitivity"] == str(sens_path)
     assert "L3:3" in capsys.readouterr().out
+    assert {q.clip for q in plan.modules.values()} == {"minmax"}
+    main(["allocate", str(sens_path), "--scheme", "2/4", "--high-layers", "1", "--clip", "mse", "-o", str(out)])
+    assert {q.clip for q in Plan.load(out).modules.values()} == {"mse"}
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(["allocate", str(sens_path), "--scheme", "2/3", "--budget-mb", "1", "-o", str(tmp_path / "p2.json")])
     assert exc.value.code == 2

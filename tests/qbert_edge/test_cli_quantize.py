@@ -46,6 +46,15 @@ def test_direct_quantize_from_a_directory(tmp_path, model_dir, data_csv, capsys)
     assert "wrote" in capsys.readouterr().out
 
 
+def test_direct_quantize_with_mse_clipped_ranges(tmp_path, model_dir, data_csv):
+    out = tmp_path / "model.pt"
+    main(["quantize", str(model_dir), "--bits", "2", "--groups", "4", "--clip", "mse", "--direct", "--data", str(data_csv),
+          "-o", str(out)])
+    loaded = load_quantized(out)
+    assert loaded.plan.modules["encoder.layer.0.attention.self.query"].clip == "mse"
+    assert loaded.meta["method"] == "directq"
+
+
 def test_qat_from_a_directory(tmp_path, model_dir, data_csv):
     out = tmp_path / "model.pt"
     main(["quantize", str(model_dir), "--bits", "2", "--groups", "2", "--data", str(data_csv), "--batch-size", "4",
@@ -70,4 +79,6 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, model_dir, data_csv, ca
     code, err = run(["quantize", str(model_dir), "--plan", str(bad_plan), "--direct", "--data", str(data_csv),
                      "-o", str(tmp_path / "c.pt")], capsys)
     assert code == 2 and "encoder.layer.0.output.dense: bits=9" in err
+    code, err = run(["quantize", str(model_dir), "--plan", str(bad_plan), "--clip", "mse", "-o", str(tmp_path / "d.pt")], capsys)
+    assert code == 2 and "a plan.json carries its own" in err
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".*.tmp"))

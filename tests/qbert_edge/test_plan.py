@@ -22,7 +22,7 @@ def test_round_trips_through_json(tmp_path):
     path = tmp_path / "plan.json"
     plan.save(path)
     data = json.loads(path.read_text())
-    assert data["format"] == "qbert-edge/plan" and data["version"] == 1
+    assert data["format"] == "qbert-edge/plan" and data["version"] == 2
     assert Plan.load(path) == plan
     assert "embeddings.token_type_embeddings" not in plan.modules
     assert plan.modules["embeddings.word_embeddings"].bits == 4
@@ -97,3 +97,22 @@ def test_groups_for():
 def test_packed_bytes_counts_codes_scales_and_zero_points():
     q = ModuleQuant(bits=3, groups=128, shape=(768, 768))
     assert q.packed_bytes == 768 * 768 * 3 // 8 + 128 * 5
+
+
+def test_clip_round_trips_and_a_version_1_plan_reads_as_minmax(tmp_path):
+    plan = uniform_plan(SHAPES, 2, clip="mse")
+    assert {q.clip for q in plan.modules.values()} == {"mse"}
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert Plan.load(path) == plan
+    data = json.loads(path.read_text())
+    data["version"] = 1
+    for q in data["modules"].values():
+        del q["clip"]
+    path.write_text(json.dumps(data))
+    assert {q.clip for q in Plan.load(path).modules.values()} == {"minmax"}
+
+
+def test_unknown_clip_names_the_module():
+    with pytest.raises(QbertEdgeError, match=r"encoder\.layer\.0\.output\.dense: clip='percentile' is not one of minmax, mse"):
+        Plan({"encoder.layer.0.output.dense": ModuleQuant(bits=4, groups=4, shape=(32, 64), clip="percentile")})

@@ -12,6 +12,7 @@ from qbert_edge.qmodel import (
     quantizable_shapes,
     quantize_model,
 )
+from qbert_edge.quant import quant_params
 from qbert_edge.runtime.text import encode
 
 
@@ -96,3 +97,27 @@ def test_quantizing_twice_is_refused(tiny_bert):
     quantize_model(tiny_bert, plan)
     with pytest.raises(QbertEdgeError, match="already quantized"):
         quantize_model(tiny_bert, plan)
+
+
+def test_mse_clip_training_simulates_the_frozen_codes(tiny_bert, tiny_tokenizer):
+    quantize_model(tiny_bert, uniform_plan(quantizable_shapes(tiny_bert), 2, groups=4, clip="mse"))
+    b = batch(tiny_tokenizer)
+    calibrate(tiny_bert, [b])
+    query = tiny_bert.bert.encoder.layer[0].attention.self.query
+    shrink = query.range_shrink()
+    assert shrink is not None and (shrink < 1).any()  # 2 bits: clipping pays on trained-like weights
+    tiny_bert.eval()
+    with torch.no_grad():
+        simulated = tiny_bert(**b).logits
+    with torch.no_grad():
+        query.weight.mul_(1.01)  # a training step moves the weights; the shrink factors stay
+    assert query.range_shrink() is shrink
+    with torch.no_grad():
+        query.weight.div_(1.01)
+    expected_scale = quant_params(query.weight, 2, 4, False, shrink)[0]
+    assert not torch.equal(expected_scale, quant_params(query.weight, 2, 4, False)[0])
+    codes = freeze(tiny_bert)
+    with torch.no_grad():
+        frozen = tiny_bert(**b).logits
+    assert torch.allclose(simulated, frozen, atol=1e-6)
+    assert torch.equal(codes["encoder.layer.0.attention.self.query"].scale, expected_scale)

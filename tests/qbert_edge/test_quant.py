@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qbert_edge.plan import ModuleQuant
-from qbert_edge.quant import activation_params, dequantize, fake_quantize, quant_params, quantize
+from qbert_edge.quant import SHRINK_GRID, activation_params, dequantize, fake_quantize, mse_shrink, quant_params, quantize
 
 
 def spec(bits, groups, rows=24, cols=10, symmetric=False):
@@ -78,3 +78,45 @@ def test_activation_params():
     assert scale == pytest.approx(4 / 255) and zero == 64
     assert activation_params(0.0, 0.0) == (1.0, 0)
     assert activation_params(2.0, 5.0)[1] == 0  # range extended to contain 0
+
+
+def _sq_err(w, s, shrink=None):
+    return (quantize(w, s, shrink).dequantize() - w).square().reshape(s.groups, -1).sum(dim=1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_shrink_never_loses_to_min_max_and_wins_on_laplace_weights(bits, symmetric):
+    torch.manual_seed(bits)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((24, 64))  # heavier tails than a Gaussian, as trained weights
+    s = spec(bits, 6, cols=64, symmetric=symmetric)
+    shrink = mse_shrink(w, s)
+    assert shrink.shape == (6,) and all(min(abs(x - g) for g in SHRINK_GRID) < 1e-6 for x in shrink.tolist())
+    assert (_sq_err(w, s, shrink) <= _sq_err(w, s) * (1 + 1e-6)).all()
+    if bits <= 3:
+        assert _sq_err(w, s, shrink).sum() < 0.8 * _sq_err(w, s).sum()
+
+
+def test_mse_shrink_keeps_the_full_range_where_clipping_cannot_help():
+    w = torch.tensor([[-1.0, 0.0, 1.0, 2.0]] * 2)  # exactly on the 2-bit grid of its min/max range
+    assert mse_shrink(w, spec(2, 1, rows=2, cols=4)).tolist() == [1.0]
+
+
+def test_shrink_narrows_the_range_and_clips_the_outlier():
+    w = torch.tensor([[-1.0, -0.5, 0.0, 0.5, 1.0, 10.0]])
+    s = spec(2, 1, rows=1, cols=6)
+    scale, zero = quant_params(w, 2, 1, False, torch.tensor([0.5]))
+    assert torch.allclose(scale, torch.tensor([5.5 / 3]))
+    q = quantize(w, s, torch.tensor([0.5]))
+    assert int(q.codes.max()) == 3 and float(q.dequantize().max()) < 10.0
+    assert torch.equal(quant_params(w, 2, 1, False, torch.ones(1))[0], quant_params(w, 2, 1, False)[0])
+
+
+def test_fake_quantize_with_shrink_equals_quantize_then_dequantize():
+    w = torch.randn(24, 10, requires_grad=True)
+    s = spec(2, 4)
+    shrink = mse_shrink(w, s)
+    out = fake_quantize(w, s, shrink)
+    assert torch.equal(out.detach(), quantize(w, s, shrink).dequantize())
+    out.sum().backward()  # straight-through: gradient 1 inside the narrowed range, 0 where clipped
+    assert set(w.grad.unique().tolist()) <= {0.0, 1.0}
