@@ -59,7 +59,7 @@ def run_one(key: str, steps: int, kd: bool, args) -> tuple[dict, dict]:
     distill = DistillConfig(args.distill_alpha, args.distill_temperature) if kd else None
     t0 = time.time()
     paths, notes = peers.build("minilm", args.workdir, {key}, qat_steps=steps, lr=args.lr,
-                               high_layers=args.high_layers, distill=distill)
+                               high_layers=args.high_layers, distill=distill, clip=args.clip)
     built = time.time() - t0
     batches = peers.dev_batches(load_model("minilm-rt").tokenizer)
     cache = args.workdir / "accuracy.json"
@@ -72,6 +72,7 @@ def run_one(key: str, steps: int, kd: bool, args) -> tuple[dict, dict]:
     if training and training.get("steps") not in (None, steps):
         raise SystemExit(f"{pt.name}: asked for {steps} QAT steps, the file says {training['steps']} were run")
     row = {"key": key, "label": peers.OURS[key].label, "plan": notes.get(key), "qat_steps": steps, "lr": args.lr,
+           "clip": args.clip,
            "distill": distill.to_dict() if distill else None, "accuracy": acc,
            "file_mb": round(paths[key].stat().st_size / 1e6, 2), "file": paths[key].name,
            "build_s": round(built), "build_and_score_s": round(time.time() - t0), "training": training,
@@ -96,6 +97,8 @@ def peers_flags(row: dict) -> str:
     """The ``peers.py`` flags that build the same file as ``row`` (QAT budget, lr, distillation for this key only)."""
     key, kd = row["key"], row["distill"]
     flags = [f"--steps-for {key}={row['qat_steps']}", f"--lr {row['lr']:g}"]
+    if row.get("clip", "minmax") != "minmax":
+        flags.append(f"--clip {row['clip']}")
     if kd:
         flags.append(f"--distill {key} --distill-alpha {kd['alpha']:g} --distill-temperature {kd['temperature']:g}")
     return " ".join(flags)
@@ -118,8 +121,13 @@ def targets(rows: list[dict], refs: dict) -> list[str]:
             checks.append(f"vs ORT int8 ({int8['file_mb']:.1f} MB, {int8['accuracy']:.3f}): {ratio:.2f}x smaller, "
                           f"{(r['accuracy'] - int8['accuracy']) * 100:+.1f} pt -> {'MET' if ok else 'not met'}")
         kd = f"distilled (alpha {r['distill']['alpha']:g}, T {r['distill']['temperature']:g})" if r["distill"] else "plain QAT"
-        out.append(f"- {r['label']}, {r['qat_steps']} steps, {kd}: " + ("; ".join(checks) or "no target applies"))
+        out.append(f"- {r['label']}{_ranges(r)}, {r['qat_steps']} steps, {kd}: " + ("; ".join(checks) or "no target applies"))
     return out
+
+
+def _ranges(row: dict) -> str:
+    """What the label says of the group ranges: nothing for min/max (rows from before clip existed)."""
+    return f", {row['clip']} ranges" if row.get("clip", "minmax") != "minmax" else ""
 
 
 def markdown(data: dict) -> str:
@@ -143,12 +151,12 @@ def markdown(data: dict) -> str:
         tr = r.get("training") or {}
         last = f"{tr['last_loss']:.3f}" if tr.get("last_loss") is not None else "-"
         secs = f"{tr['seconds']:.0f}" if tr.get("seconds") is not None else "-"
-        lines.append(f"| {r['label']} | {r['qat_steps']} | {r['lr']:g} | {kd} | {r['accuracy']:.3f} | "
+        lines.append(f"| {r['label']}{_ranges(r)} | {r['qat_steps']} | {r['lr']:g} | {kd} | {r['accuracy']:.3f} | "
                      f"{r['file_mb']:.2f} | {last} | {secs} | `{r['command']}` |")
     lines += ["", "## Targets (computed from the rows above)", ""] + targets(rows, refs)
     lines += ["", "## Reproduce in peers.py", "",
               "Each row's `peers.py` flags build the same file (same name, reused from the work directory):", ""]
-    lines += [f"- {r['label']} ({r['qat_steps']} steps, {'distilled' if r['distill'] else 'plain QAT'}): "
+    lines += [f"- {r['label']}{_ranges(r)} ({r['qat_steps']} steps, {'distilled' if r['distill'] else 'plain QAT'}): "
               f"`python benchmarks/peers.py {peers_flags(r)}`" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -162,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-alpha", type=float, default=0.5)
     parser.add_argument("--distill-temperature", type=float, default=2.0)
     parser.add_argument("--high-layers", type=int, default=2)
+    parser.add_argument("--clip", choices=("minmax", "mse"), default="minmax", help="Group ranges of the plan.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=cache / "bench-peers")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -172,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give at least one run spec (or --report-only)")
 
     def argv_for(key, steps, kd):
-        extra = [f"--lr {args.lr:g}"] + ([f"--distill-alpha {args.distill_alpha:g}",
-                                          f"--distill-temperature {args.distill_temperature:g}"] if kd else [])
+        extra = [f"--lr {args.lr:g}"] + ([f"--clip {args.clip}"] if args.clip != "minmax" else [])
+        if kd:
+            extra += [f"--distill-alpha {args.distill_alpha:g}", f"--distill-temperature {args.distill_temperature:g}"]
         return [f"{key}:{steps}" + (":kd" if kd else "")] + extra
 
     args.argv_for = argv_for

@@ -133,7 +133,8 @@ def plan_digest(plan, qat_steps: int = 0, lr: float = 0.0, distill=None) -> str:
     import hashlib
     import json
 
-    numbers = {name: [q.bits, q.groups, q.symmetric] for name, q in plan.modules.items()}
+    numbers = {name: [q.bits, q.groups, q.symmetric] + ([q.clip] if q.clip != "minmax" else [])
+               for name, q in plan.modules.items()}  # min/max ranges keep the digest of files made before clip
     method = [qat_steps, lr if qat_steps else 0.0]
     if distill is not None and qat_steps:
         method += [distill.alpha, distill.temperature]

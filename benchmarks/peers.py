@@ -147,33 +147,34 @@ PRIORITY = ("ort-int8", "ours-mp23-e2", "ours-mp24-e2", "ours-w4-e4", "ours-mp48
 ALL_VARIANTS = tuple(PEERS + [Variant(k, v.label, "ours", "onnx", OUR_ENGINES) for k, v in OURS.items()])
 
 
-def ours_plan(spec: Ours, shapes, num_layers: int, sens=None, high_layers: int = 2):
+def ours_plan(spec: Ours, shapes, num_layers: int, sens=None, high_layers: int = 2, clip: str = "minmax"):
     """The plan of ``spec`` for a model with these quantizable ``shapes``, and a short note for the table.
 
     Mixed precision with a sensitivity ``sens`` (a :class:`qbert_edge.sensitivity.Sensitivity` of
     this model): the ``high_layers`` layers with the largest Omega get ``high_bits``
     (:func:`qbert_edge.allocate.allocate_bits`, as ``qbert-edge allocate --high-layers``). Without
     one (BERT-base: random weights, no Hessian) the fixed choice is the first half of the layers.
-    128 groups per matrix; embeddings one group per row."""
+    128 groups per matrix; embeddings one group per row; group ranges by ``clip`` (min/max or mse)."""
     from qbert_edge.allocate import allocate_bits
     from qbert_edge.plan import uniform_plan
 
     high_layers = spec.high_layers or high_layers
     emb = {"word": spec.word_bits, "position": 8, "token_type": 8}
     words = f", {spec.word_bits}-bit word emb." if spec.word_bits != 8 else ""
+    words += ", mse ranges" if clip != "minmax" else ""
     if spec.high_bits is None:
-        plan = uniform_plan(shapes, spec.bits, 128, embedding_bits=emb, meta={"scheme": f"w{spec.bits}"})
+        plan = uniform_plan(shapes, spec.bits, 128, clip=clip, embedding_bits=emb, meta={"scheme": f"w{spec.bits}"})
         return plan, f"w{spec.bits}{words}"
     if sens is not None:
         if sens.num_layers != num_layers or any(tuple(shapes.get(k, ())) != tuple(v) for k, v in sens.shapes.items()):
             raise QbertEdgeError(f"{SENSITIVITY}: analysed a different model ({sens.model}); re-run qbert-edge analyze")
         plan = allocate_bits(sens, f"{spec.bits}/{spec.high_bits}", high_layers=high_layers, groups=128,
-                             word_bits=spec.word_bits, position_bits=8, source=str(SENSITIVITY))
+                             word_bits=spec.word_bits, position_bits=8, clip=clip, source=str(SENSITIVITY))
         high = sorted(sens.ranking()[:high_layers])
         how = f"top {high_layers} of {num_layers} by Hessian Omega"
     else:
         high = list(range(num_layers // 2))
-        plan = uniform_plan(shapes, spec.bits, 128, embedding_bits=emb, layer_bits={i: spec.high_bits for i in high},
+        plan = uniform_plan(shapes, spec.bits, 128, clip=clip, embedding_bits=emb, layer_bits={i: spec.high_bits for i in high},
                             meta={"scheme": f"{spec.bits}/{spec.high_bits}", "high_layers": high})
         how = "first half, fixed (no Hessian)"
     layers = f"{high[0]}-{high[-1]}" if len(high) > 2 and high == list(range(high[0], high[-1] + 1)) else ",".join(map(str, high))
@@ -195,7 +196,7 @@ def ensure_reference() -> None:
 def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: float = 5e-5,
           high_layers: int = 2, directq: frozenset[str] = frozenset(), until: float | None = None,
           distill=None, steps_for: dict[str, int] | None = None, distill_keys: frozenset[str] | None = None,
-          ) -> tuple[dict[str, Path], dict[str, str]]:
+          clip: str = "minmax") -> tuple[dict[str, Path], dict[str, str]]:
     """The files of ``model`` (``minilm`` or ``bert-base``) for the variants ``keys`` (ORT fp32
     always: the other ONNX peers are made from it), built once in ``workdir``, and a plan note per
     variant of ours. Ours on MiniLM: QAT for ``qat_steps`` steps at ``lr`` (0, or a key in
@@ -204,7 +205,8 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
     order; after the time ``until`` (epoch s) no new one is started (already built ones are used).
     ``steps_for`` overrides ``qat_steps`` per key; ``distill`` (a
     :class:`qbert_edge.distill.DistillConfig`) makes every QAT row distil from the fp32 model, or
-    only the keys in ``distill_keys`` if given."""
+    only the keys in ``distill_keys`` if given. ``clip`` chooses the group ranges of ours (``mse``:
+    narrowed to the least squared error, :func:`qbert_edge.quant.mse_shrink`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if model == "minilm":
         ensure_reference()
@@ -230,7 +232,7 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
     for key in sorted(OURS, key=lambda k: PRIORITY.index(k) if k in PRIORITY else len(PRIORITY)):
         if key not in keys:
             continue
-        plan, note = ours_plan(OURS[key], shapes, layers, sens, high_layers)
+        plan, note = ours_plan(OURS[key], shapes, layers, sens, high_layers, clip)
         n = 0 if key in directq or model != "minilm" else (steps_for or {}).get(key, steps)
         kd = distill if n and (distill_keys is None or key in distill_keys) else None
         name = f"{model}-{key}-{'qat%d' % n if n else 'dq'}{'kd' if kd else ''}-{plan_digest(plan, n, lr, kd)}"
@@ -683,6 +685,8 @@ def main(argv: list[str] | None = None) -> None:
                              "every one, or only these KEYs.")
     parser.add_argument("--distill-alpha", type=float, default=0.5, help="Weight of the distillation term.")
     parser.add_argument("--distill-temperature", type=float, default=2.0, help="Distillation softmax temperature.")
+    parser.add_argument("--clip", choices=("minmax", "mse"), default="minmax",
+                        help="Group ranges of ours: min/max, or narrowed per group to the least squared error.")
     parser.add_argument("--directq", nargs="*", default=[], choices=sorted(OURS), metavar="KEY",
                         help="These of ours DirectQ on MiniLM too (labelled in the table).")
     parser.add_argument("--build-limit", type=float, default=0,
@@ -730,7 +734,7 @@ def main(argv: list[str] | None = None) -> None:
         paths, notes[model] = build(model, args.workdir, {v.key for v in variants}, args.qat_steps, args.lr,
                                     args.high_layers, frozenset(args.directq),
                                     started + args.build_limit if args.build_limit else None,
-                                    args.distill, args.steps_for, args.distill_keys)
+                                    args.distill, args.steps_for, args.distill_keys, args.clip)
         paths = {k: p for k, p in paths.items() if any(v.key == k for v in variants)}
         t1 = time.time()
         acc = {}
@@ -782,7 +786,7 @@ def main(argv: list[str] | None = None) -> None:
                        + (f", except {', '.join(args.directq)}: DirectQ (64 calibration sentences)" if args.directq else ""))
                       if args.qat_steps or args.steps_for else "DirectQ (64 calibration sentences, no training)",
             "bert-base": "DirectQ (64 calibration sentences; random weights, sizes and speed only)"},
-        "sensitivity": str(SENSITIVITY.relative_to(ROOT)), "high_layers": args.high_layers,
+        "sensitivity": str(SENSITIVITY.relative_to(ROOT)), "high_layers": args.high_layers, "clip": args.clip,
         "ranking": json.loads(SENSITIVITY.read_text())["ranking"],
         "plans": {**old_meta.get("plans", {}), **notes}, "phases_s": {**old_meta.get("phases_s", {}), **phases},
         "git": git_state(), "earlier": earlier,

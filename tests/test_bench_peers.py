@@ -161,3 +161,13 @@ def test_steps_for(peers):
     for bad in ("ours-w5=10", "ours-w4", "ours-w4=x"):
         with pytest.raises(QbertEdgeError, match="--steps-for"):
             peers.parse_steps_for([bad])
+
+
+def test_mse_ranges_change_the_plan_the_note_and_the_digest(peers):
+    from peer_models import plan_digest
+
+    plain, note = peers.ours_plan(peers.OURS["ours-mp24-e2"], _shapes(2), 2, None)
+    clipped, clipped_note = peers.ours_plan(peers.OURS["ours-mp24-e2"], _shapes(2), 2, None, clip="mse")
+    assert {q.clip for q in plain.modules.values()} == {"minmax"} and "mse" not in note
+    assert {q.clip for q in clipped.modules.values()} == {"mse"} and clipped_note.endswith("mse ranges")
+    assert plan_digest(plain, 240, 5e-5) != plan_digest(clipped, 240, 5e-5)
