@@ -494,6 +494,27 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
             if not any((x2 <= x and y2 >= y) and (x2, y2) != (x, y) for x2, y2 in points)]
 
 
+def label_offsets(pts: list[tuple[float, float]], near: float = 0.03, step: float = 9.0) -> list[float]:
+    """Vertical offsets (points) that keep the labels of nearby points from printing over each other.
+
+    Near: within ``near`` of the plot's height (linear y) and ``4 * near`` of its width (log x; a
+    label runs to the right of its point). ``label_offsets([(1, 0.8), (1, 0.8)]) -> [0.0, -9.0]``."""
+    import math
+
+    xs = [math.log10(x) for x, _ in pts]
+    ys = [y for _, y in pts]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    offsets: list[float] = []
+    for i in range(len(pts)):
+        taken = {offsets[j] for j in range(i)
+                 if abs(xs[i] - xs[j]) / span_x < near * 4 and abs(ys[i] - ys[j]) / span_y < near}
+        dy = 0.0
+        while dy in taken:
+            dy -= step
+        offsets.append(dy)
+    return offsets
+
+
 def plot(rows: list[dict], out: Path) -> list[str]:
     """Accuracy vs file size, accuracy vs model share (Pareto fronts), latency per variant; PNG names."""
     import matplotlib
@@ -510,11 +531,11 @@ def plot(rows: list[dict], out: Path) -> list[str]:
             break
         fig, ax = plt.subplots(figsize=(8, 5))
         pts = [(r["figures"]["b1"][key]["median"], r["accuracy"]) for r in acc_rows]
-        for (x, y), r in zip(pts, acc_rows):
+        for (x, y), r, dy in zip(pts, acc_rows, label_offsets(pts)):
             ax.scatter(x, y, marker="o" if r["family"] == "ours" else "s",
                        color="tab:blue" if r["family"] == "ours" else "tab:orange")
             ax.annotate(r["label"].replace("ORT ", "").replace("MatMulNBits ", ""), (x, y), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+                        xytext=(3, 3 + dy), textcoords="offset points")
         front = sorted(pts[i] for i in pareto(pts))
         ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
         ax.set_xscale("log")

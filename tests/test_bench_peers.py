@@ -171,3 +171,8 @@ def test_mse_ranges_change_the_plan_the_note_and_the_digest(peers):
     assert {q.clip for q in plain.modules.values()} == {"minmax"} and "mse" not in note
     assert {q.clip for q in clipped.modules.values()} == {"mse"} and clipped_note.endswith("mse ranges")
     assert plan_digest(plain, 240, 5e-5) != plan_digest(clipped, 240, 5e-5)
+
+
+def test_labels_of_coinciding_points_are_stacked(peers):
+    assert peers.label_offsets([(15.0, 0.820), (14.8, 0.820), (91.0, 0.826), (15.0, 0.820)]) == [0.0, -9.0, 0.0, -18.0]
+    assert peers.label_offsets([(7.0, 0.77), (23.0, 0.82)]) == [0.0, 0.0]
