@@ -59,7 +59,7 @@ def run_one(key: str, steps: int, kd: bool, args) -> tuple[dict, dict]:
     distill = DistillConfig(args.distill_alpha, args.distill_temperature) if kd else None
     t0 = time.time()
     paths, notes = peers.build("minilm", args.workdir, {key}, qat_steps=steps, lr=args.lr,
-                               high_layers=args.high_layers, distill=distill, clip=args.clip)
+                               high_layers=args.high_layers, distill=distill, clip=args.clip, seed=args.seed)
     built = time.time() - t0
     batches = peers.dev_batches(load_model("minilm-rt").tokenizer)
     cache = args.workdir / "accuracy.json"
@@ -72,7 +72,7 @@ def run_one(key: str, steps: int, kd: bool, args) -> tuple[dict, dict]:
     if training and training.get("steps") not in (None, steps):
         raise SystemExit(f"{pt.name}: asked for {steps} QAT steps, the file says {training['steps']} were run")
     row = {"key": key, "label": peers.OURS[key].label, "plan": notes.get(key), "qat_steps": steps, "lr": args.lr,
-           "clip": args.clip,
+           "clip": args.clip, "seed": args.seed,
            "distill": distill.to_dict() if distill else None, "accuracy": acc,
            "file_mb": round(paths[key].stat().st_size / 1e6, 2), "file": paths[key].name,
            "build_s": round(built), "build_and_score_s": round(time.time() - t0), "training": training,
@@ -99,6 +99,8 @@ def peers_flags(row: dict) -> str:
     flags = [f"--steps-for {key}={row['qat_steps']}", f"--lr {row['lr']:g}"]
     if row.get("clip", "minmax") != "minmax":
         flags.append(f"--clip {row['clip']}")
+    if row.get("seed"):
+        flags.append(f"--seed {row['seed']}")
     if kd:
         flags.append(f"--distill {key} --distill-alpha {kd['alpha']:g} --distill-temperature {kd['temperature']:g}")
     return " ".join(flags)
@@ -126,8 +128,9 @@ def targets(rows: list[dict], refs: dict) -> list[str]:
 
 
 def _ranges(row: dict) -> str:
-    """What the label says of the group ranges: nothing for min/max (rows from before clip existed)."""
-    return f", {row['clip']} ranges" if row.get("clip", "minmax") != "minmax" else ""
+    """What the label adds for the group ranges and the QAT seed: nothing for min/max and seed 0 (rows from before they existed)."""
+    seed = f", seed {row['seed']}" if row.get("seed") else ""
+    return (f", {row['clip']} ranges" if row.get("clip", "minmax") != "minmax" else "") + seed
 
 
 def markdown(data: dict) -> str:
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-temperature", type=float, default=2.0)
     parser.add_argument("--high-layers", type=int, default=2)
     parser.add_argument("--clip", choices=("minmax", "mse"), default="minmax", help="Group ranges of the plan.")
+    parser.add_argument("--seed", type=int, default=0, help="QAT seed (data order, dropout): for seed-to-seed spread.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=cache / "bench-peers")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -182,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def argv_for(key, steps, kd):
         extra = [f"--lr {args.lr:g}"] + ([f"--clip {args.clip}"] if args.clip != "minmax" else [])
+        extra += [f"--seed {args.seed}"] if args.seed else []
         if kd:
             extra += [f"--distill-alpha {args.distill_alpha:g}", f"--distill-temperature {args.distill_temperature:g}"]
         return [f"{key}:{steps}" + (":kd" if kd else "")] + extra

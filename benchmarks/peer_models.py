@@ -125,11 +125,12 @@ def torch_module(source: str | Path, out: Path, dynamic_int8: bool = False) -> P
     return out
 
 
-def plan_digest(plan, qat_steps: int = 0, lr: float = 0.0, distill=None) -> str:
-    """8 hex digits naming a plan's numbers (bits, groups, symmetric of every module; activation
+def plan_digest(plan, qat_steps: int = 0, lr: float = 0.0, distill=None, seed: int = 0) -> str:
+    """8 hex digits naming a plan's numbers (bits, groups, symmetric, clip of every module; activation
     bits) and the method (``qat_steps``, ``lr``, the distillation settings ``distill``, a
-    :class:`qbert_edge.distill.DistillConfig` or ``None``): a cached file is reused only for the
-    same ones. Without distillation the digest is the one files made before it existed carry."""
+    :class:`qbert_edge.distill.DistillConfig` or ``None``, the QAT ``seed``): a cached file is reused
+    only for the same ones. Without distillation, with min/max ranges and seed 0 the digest is the
+    one files made before those existed carry."""
     import hashlib
     import json
 
@@ -138,16 +139,19 @@ def plan_digest(plan, qat_steps: int = 0, lr: float = 0.0, distill=None) -> str:
     method = [qat_steps, lr if qat_steps else 0.0]
     if distill is not None and qat_steps:
         method += [distill.alpha, distill.temperature]
+    if seed and qat_steps:
+        method += ["seed", seed]
     text = json.dumps([numbers, plan.activation_bits, *method], sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: float = 5e-5, distill=None) -> Path:
+def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: float = 5e-5, distill=None,
+                  seed: int = 0) -> Path:
     """qbert-edge with ``plan`` (a :class:`qbert_edge.plan.Plan`, checked against the model):
     DirectQ calibrated on 64 Rotten Tomatoes sentences, or QAT for ``qat_steps`` steps of batch 32
     at ``lr`` on ``rt:train`` (max length 64, as ``benchmarks/reproduce.py``) when ``qat_steps`` > 0,
     distilled from the fp32 ``source`` with ``distill`` (a :class:`qbert_edge.distill.DistillConfig`)
-    if given. Writes a ``model.pt``."""
+    if given; ``seed`` seeds the QAT data order and dropout. Writes a ``model.pt``."""
     tmp = _fresh(out)
     if tmp is not None:
         from qbert_edge.checkpoint import save_quantized
@@ -166,7 +170,7 @@ def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: f
             log.info("QAT %s, %d steps at lr %g%s -> %s", scheme, qat_steps, lr, kd, out.name)
             epochs = math.ceil(qat_steps / math.ceil(len(train) / 32))  # max_steps only stops early
             result = qat_quantize(loaded, plan, train, epochs=epochs, max_steps=qat_steps, lr=lr, progress=False,
-                                  distill=distill)
+                                  distill=distill, seed=seed)
         else:
             log.info("DirectQ %s -> %s", scheme, out.name)
             calib = subsets(train, 1, 64 / len(train), 0)[0]

@@ -196,7 +196,7 @@ def ensure_reference() -> None:
 def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: float = 5e-5,
           high_layers: int = 2, directq: frozenset[str] = frozenset(), until: float | None = None,
           distill=None, steps_for: dict[str, int] | None = None, distill_keys: frozenset[str] | None = None,
-          clip: str = "minmax") -> tuple[dict[str, Path], dict[str, str]]:
+          clip: str = "minmax", seed: int = 0) -> tuple[dict[str, Path], dict[str, str]]:
     """The files of ``model`` (``minilm`` or ``bert-base``) for the variants ``keys`` (ORT fp32
     always: the other ONNX peers are made from it), built once in ``workdir``, and a plan note per
     variant of ours. Ours on MiniLM: QAT for ``qat_steps`` steps at ``lr`` (0, or a key in
@@ -206,7 +206,7 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
     ``steps_for`` overrides ``qat_steps`` per key; ``distill`` (a
     :class:`qbert_edge.distill.DistillConfig`) makes every QAT row distil from the fp32 model, or
     only the keys in ``distill_keys`` if given. ``clip`` chooses the group ranges of ours (``mse``:
-    narrowed to the least squared error, :func:`qbert_edge.quant.mse_shrink`)."""
+    narrowed to the least squared error, :func:`qbert_edge.quant.mse_shrink`); ``seed`` is the QAT seed."""
     workdir.mkdir(parents=True, exist_ok=True)
     if model == "minilm":
         ensure_reference()
@@ -235,15 +235,15 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
         plan, note = ours_plan(OURS[key], shapes, layers, sens, high_layers, clip)
         n = 0 if key in directq or model != "minilm" else (steps_for or {}).get(key, steps)
         kd = distill if n and (distill_keys is None or key in distill_keys) else None
-        name = f"{model}-{key}-{'qat%d' % n if n else 'dq'}{'kd' if kd else ''}-{plan_digest(plan, n, lr, kd)}"
+        name = f"{model}-{key}-{'qat%d' % n if n else 'dq'}{'kd' if kd else ''}-{plan_digest(plan, n, lr, kd, seed)}"
         pt, onnx_path = workdir / f"{name}.pt", workdir / f"{name}.onnx"
         if until and time.time() > until and not (pt.exists() and onnx_path.exists()):
             log.warning("build time limit reached: %s %s not built", model, key)
             continue
         notes[key] = note + ("; DirectQ" if model == "minilm" and not n else "") + (
             f"; QAT {n} steps" if n and n != steps else "") + (
-            f"; distilled (alpha {kd.alpha:g}, T {kd.temperature:g})" if kd else "")
-        quantize_ours(source, pt, plan, qat_steps=n, lr=lr, distill=kd)
+            f"; distilled (alpha {kd.alpha:g}, T {kd.temperature:g})" if kd else "") + (f"; seed {seed}" if n and seed else "")
+        quantize_ours(source, pt, plan, qat_steps=n, lr=lr, distill=kd, seed=seed)
         p[key] = export_onnx(pt, onnx_path)
     return p, notes
 
@@ -708,6 +708,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-temperature", type=float, default=2.0, help="Distillation softmax temperature.")
     parser.add_argument("--clip", choices=("minmax", "mse"), default="minmax",
                         help="Group ranges of ours: min/max, or narrowed per group to the least squared error.")
+    parser.add_argument("--seed", type=int, default=0, help="QAT seed of ours (data order, dropout).")
     parser.add_argument("--directq", nargs="*", default=[], choices=sorted(OURS), metavar="KEY",
                         help="These of ours DirectQ on MiniLM too (labelled in the table).")
     parser.add_argument("--build-limit", type=float, default=0,
@@ -755,7 +756,7 @@ def main(argv: list[str] | None = None) -> None:
         paths, notes[model] = build(model, args.workdir, {v.key for v in variants}, args.qat_steps, args.lr,
                                     args.high_layers, frozenset(args.directq),
                                     started + args.build_limit if args.build_limit else None,
-                                    args.distill, args.steps_for, args.distill_keys, args.clip)
+                                    args.distill, args.steps_for, args.distill_keys, args.clip, args.seed)
         paths = {k: p for k, p in paths.items() if any(v.key == k for v in variants)}
         t1 = time.time()
         acc = {}
@@ -808,6 +809,7 @@ def main(argv: list[str] | None = None) -> None:
                       if args.qat_steps or args.steps_for else "DirectQ (64 calibration sentences, no training)",
             "bert-base": "DirectQ (64 calibration sentences; random weights, sizes and speed only)"},
         "sensitivity": str(SENSITIVITY.relative_to(ROOT)), "high_layers": args.high_layers, "clip": args.clip,
+        "seed": args.seed,
         "ranking": json.loads(SENSITIVITY.read_text())["ranking"],
         "plans": {**old_meta.get("plans", {}), **notes}, "phases_s": {**old_meta.get("phases_s", {}), **phases},
         "git": git_state(), "earlier": earlier,

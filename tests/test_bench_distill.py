@@ -60,3 +60,11 @@ def test_peers_flags_name_only_this_variant(distill):
     assert distill.peers_flags(plain) == "--steps-for ours-w4-e4=240 --lr 5e-05"
     assert distill.peers_flags(kd) == (
         "--steps-for ours-mp24-e2=240 --lr 5e-05 --distill ours-mp24-e2 --distill-alpha 1 --distill-temperature 1")
+
+
+def test_rows_with_mse_ranges_or_a_seed_name_them_and_their_peers_flags(distill):
+    row = {"key": "ours-mp24-e2", "qat_steps": 240, "lr": 5e-5, "distill": None, "clip": "mse", "seed": 2}
+    assert distill._ranges(row) == ", mse ranges, seed 2"
+    assert distill.peers_flags(row) == "--steps-for ours-mp24-e2=240 --lr 5e-05 --clip mse --seed 2"
+    old = {"key": "ours-mp24-e2", "qat_steps": 240, "lr": 5e-5, "distill": None}  # a row from before clip and seed
+    assert distill._ranges(old) == "" and distill.peers_flags(old) == "--steps-for ours-mp24-e2=240 --lr 5e-05"

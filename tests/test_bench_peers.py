@@ -176,3 +176,12 @@ def test_mse_ranges_change_the_plan_the_note_and_the_digest(peers):
 def test_labels_of_coinciding_points_are_stacked(peers):
     assert peers.label_offsets([(15.0, 0.820), (14.8, 0.820), (91.0, 0.826), (15.0, 0.820)]) == [0.0, -9.0, 0.0, -18.0]
     assert peers.label_offsets([(7.0, 0.77), (23.0, 0.82)]) == [0.0, 0.0]
+
+
+def test_plan_digest_names_the_qat_seed(peers):
+    from peer_models import plan_digest
+
+    a, _ = peers.ours_plan(peers.OURS["ours-w4-e4"], _shapes(2), 2, None)
+    assert plan_digest(a, 240, 5e-5, None, 0) == plan_digest(a, 240, 5e-5)  # seed 0 keeps the older files' names
+    assert len({plan_digest(a, 240, 5e-5, None, s) for s in (0, 1, 2)}) == 3
+    assert plan_digest(a, 0, 5e-5, None, 3) == plan_digest(a)  # DirectQ has no seed
