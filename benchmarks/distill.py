@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     specs = [parse_spec(s) for s in args.runs]
     if not specs and not args.report_only:
         parser.error("give at least one run spec (or --report-only)")
+    if specs:
+        from peer_models import check_installed
+
+        check_installed()
 
     def argv_for(key, steps, kd):
         extra = [f"--lr {args.lr:g}"] + ([f"--clip {args.clip}"] if args.clip != "minmax" else [])

@@ -21,6 +21,20 @@ from pathlib import Path
 log = logging.getLogger("benchmarks.peer_models")
 
 
+#: modules the builders need beyond the base install: ``pip install -e '.[train,bench]'``
+NEEDS = {"torch": "train", "transformers": "train", "matplotlib": "train", "onnx_ir": "bench"}
+
+
+def check_installed() -> None:
+    """Fail at once, naming the extra to install, if a builder's module is missing (not an hour in)."""
+    import importlib.util
+
+    missing = sorted(m for m in NEEDS if importlib.util.find_spec(m) is None)
+    if missing:
+        extras = ",".join(sorted({NEEDS[m] for m in missing}))
+        raise SystemExit(f"benchmarks: missing {', '.join(missing)}: pip install -e '.[{extras}]'")
+
+
 def _fresh(out: Path) -> Path | None:
     """``None`` if ``out`` exists already, else a temporary path beside it to write to."""
     if out.exists():

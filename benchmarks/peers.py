@@ -1,5 +1,6 @@
 """Side-by-side benchmark: qbert-edge against onnxruntime's quantizers and PyTorch, with plots.
 
+    pip install torch==2.13.0 && pip install -e '.[train,bench]'   # once
     python benchmarks/peers.py                          # MiniLM classifier + BERT-base shape
     python benchmarks/peers.py --quick                  # MiniLM only, 1 repeat, few runs
     python benchmarks/peers.py --skip-bert-base --repeats 3 --runs 10
@@ -58,6 +59,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_models import (
     build_bert_base,
+    check_installed,
     export_onnx,
     ort_int8,
     ort_nbits,
@@ -732,6 +734,7 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads((args.out / "peers.json").read_text())
         write_report(data["rows"], data["meta"], args)
         return
+    check_installed()
     if args.quick:
         args.skip_bert_base, args.repeats, args.runs, args.max_wait = True, 1, 5, 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -185,3 +185,11 @@ def test_plan_digest_names_the_qat_seed(peers):
     assert plan_digest(a, 240, 5e-5, None, 0) == plan_digest(a, 240, 5e-5)  # seed 0 keeps the older files' names
     assert len({plan_digest(a, 240, 5e-5, None, s) for s in (0, 1, 2)}) == 3
     assert plan_digest(a, 0, 5e-5, None, 3) == plan_digest(a)  # DirectQ has no seed
+
+
+def test_a_missing_builder_module_fails_at_once_naming_the_extra(peers, monkeypatch):
+    import peer_models
+
+    monkeypatch.setitem(peer_models.NEEDS, "surely_not_installed_qbert_module", "bench")
+    with pytest.raises(SystemExit, match=r"missing surely_not_installed_qbert_module: pip install -e '\.\[bench\]'"):
+        peer_models.check_installed()
