@@ -57,7 +57,7 @@ def run_one(key: str, steps: int, kd: bool, args) -> tuple[dict, dict]:
     from qbert_edge.distill import DistillConfig
     from qbert_edge.loading import load_model
 
-    distill = DistillConfig(args.distill_alpha, args.distill_temperature) if kd else None
+    distill = DistillConfig(args.distill_alpha, args.distill_temperature, args.distill_hidden) if kd else None
     t0 = time.time()
     paths, notes = peers.build("minilm", args.workdir, {key}, qat_steps=steps, lr=args.lr,
                                high_layers=args.high_layers, distill=distill, clip=args.clip, seed=args.seed)
@@ -103,7 +103,8 @@ def peers_flags(row: dict) -> str:
     if row.get("seed"):
         flags.append(f"--seed {row['seed']}")
     if kd:
-        flags.append(f"--distill {key} --distill-alpha {kd['alpha']:g} --distill-temperature {kd['temperature']:g}")
+        flags.append(f"--distill {key} --distill-alpha {kd['alpha']:g} --distill-temperature {kd['temperature']:g}"
+                     + (f" --distill-hidden {kd['hidden']:g}" if kd.get("hidden") else ""))
     return " ".join(flags)
 
 
@@ -124,9 +125,15 @@ def targets(rows: list[dict], refs: dict) -> list[str]:
             ok = ratio >= 3 and r["accuracy"] >= int8["accuracy"]
             checks.append(f"vs ORT int8 ({int8['file_mb']:.1f} MB, {int8['accuracy']:.3f}): {ratio:.2f}x smaller, "
                           f"{(r['accuracy'] - int8['accuracy']) * 100:+.1f} pt -> {'MET' if ok else 'not met'}")
-        kd = f"distilled (alpha {r['distill']['alpha']:g}, T {r['distill']['temperature']:g})" if r["distill"] else "plain QAT"
+        kd = f"distilled ({_kd(r['distill'])})" if r["distill"] else "plain QAT"
         out.append(f"- {r['label']}{_ranges(r)}, {r['qat_steps']} steps, {kd}: " + ("; ".join(checks) or "no target applies"))
     return out
+
+
+def _kd(distill: dict) -> str:
+    """``"alpha 0.5, T 2"`` (and ``", hidden 1"``) of a row's distillation settings."""
+    return f"alpha {distill['alpha']:g}, T {distill['temperature']:g}" + (
+        f", hidden {distill['hidden']:g}" if distill.get("hidden") else "")
 
 
 def _ranges(row: dict) -> str:
@@ -154,7 +161,7 @@ def markdown(data: dict) -> str:
         label = next(v.label for v in peers.ALL_VARIANTS if v.key == key)
         lines.append(f"| {label} | - | - | - | {r['accuracy']:.3f} | - | {r['file_mb']:.1f} | - | - | (peers.py) |")
     for r in rows:
-        kd = f"{r['distill']['alpha']:g}, {r['distill']['temperature']:g}" if r["distill"] else "none"
+        kd = _kd(r["distill"]).replace("alpha ", "").replace("T ", "") if r["distill"] else "none"
         tr = r.get("training") or {}
         last = f"{tr['last_loss']:.3f}" if tr.get("last_loss") is not None else "-"
         secs = f"{tr['seconds']:.0f}" if tr.get("seconds") is not None else "-"
@@ -177,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="*", help="KEY:STEPS or KEY:STEPS:kd")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--distill-alpha", type=float, default=0.5)
+    parser.add_argument("--distill-hidden", type=float, default=0.0, help="Weight of the hidden-state term.")
     parser.add_argument("--distill-temperature", type=float, default=2.0)
     parser.add_argument("--high-layers", type=int, default=2)
     parser.add_argument("--clip", choices=("minmax", "mse"), default="minmax", help="Group ranges of the plan.")
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         extra += [f"--seed {args.seed}"] if args.seed else []
         if kd:
             extra += [f"--distill-alpha {args.distill_alpha:g}", f"--distill-temperature {args.distill_temperature:g}"]
+            extra += [f"--distill-hidden {args.distill_hidden:g}"] if args.distill_hidden else []
         return [f"{key}:{steps}" + (":kd" if kd else "")] + extra
 
     args.argv_for = argv_for

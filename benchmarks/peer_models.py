@@ -25,6 +25,11 @@ log = logging.getLogger("benchmarks.peer_models")
 NEEDS = {"torch": "train", "transformers": "train", "matplotlib": "train", "onnx_ir": "bench"}
 
 
+def distill_note(distill) -> str:
+    """``"alpha 0.5, T 2"`` (``", hidden 1"`` added when the hidden-state term is on) of a DistillConfig."""
+    return f"alpha {distill.alpha:g}, T {distill.temperature:g}" + (f", hidden {distill.hidden:g}" if distill.hidden else "")
+
+
 def check_installed() -> None:
     """Fail at once, naming the extra to install, if a builder's module is missing (not an hour in)."""
     import importlib.util
@@ -152,7 +157,7 @@ def plan_digest(plan, qat_steps: int = 0, lr: float = 0.0, distill=None, seed: i
                for name, q in plan.modules.items()}  # min/max ranges keep the digest of files made before clip
     method = [qat_steps, lr if qat_steps else 0.0]
     if distill is not None and qat_steps:
-        method += [distill.alpha, distill.temperature]
+        method += [distill.alpha, distill.temperature] + (["hidden", distill.hidden] if distill.hidden else [])
     if seed and qat_steps:
         method += ["seed", seed]
     text = json.dumps([numbers, plan.activation_bits, *method], sort_keys=True)
@@ -180,7 +185,7 @@ def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: f
         scheme = plan.meta.get("scheme", "?")
         t0 = time.perf_counter()
         if qat_steps > 0:
-            kd = f", distilled (alpha {distill.alpha:g}, T {distill.temperature:g})" if distill is not None else ""
+            kd = f", distilled ({distill_note(distill)})" if distill is not None else ""
             log.info("QAT %s, %d steps at lr %g%s -> %s", scheme, qat_steps, lr, kd, out.name)
             epochs = math.ceil(qat_steps / math.ceil(len(train) / 32))  # max_steps only stops early
             result = qat_quantize(loaded, plan, train, epochs=epochs, max_steps=qat_steps, lr=lr, progress=False,

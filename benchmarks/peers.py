@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_models import (
     build_bert_base,
     check_installed,
+    distill_note,
     export_onnx,
     ort_int8,
     ort_nbits,
@@ -244,7 +245,7 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
             continue
         notes[key] = note + ("; DirectQ" if model == "minilm" and not n else "") + (
             f"; QAT {n} steps" if n and n != steps else "") + (
-            f"; distilled (alpha {kd.alpha:g}, T {kd.temperature:g})" if kd else "") + (f"; seed {seed}" if n and seed else "")
+            f"; distilled ({distill_note(kd)})" if kd else "") + (f"; seed {seed}" if n and seed else "")
         quantize_ours(source, pt, plan, qat_steps=n, lr=lr, distill=kd, seed=seed)
         p[key] = export_onnx(pt, onnx_path)
     return p, notes
@@ -707,6 +708,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="QAT rows of ours distil from the fp32 classifier (KL on softened logits + CE): "
                              "every one, or only these KEYs.")
     parser.add_argument("--distill-alpha", type=float, default=0.5, help="Weight of the distillation term.")
+    parser.add_argument("--distill-hidden", type=float, default=0.0,
+                        help="Weight of the hidden-state distillation term (MSE of every layer's output).")
     parser.add_argument("--distill-temperature", type=float, default=2.0, help="Distillation softmax temperature.")
     parser.add_argument("--clip", choices=("minmax", "mse"), default="minmax",
                         help="Group ranges of ours: min/max, or narrowed per group to the least squared error.")
@@ -729,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.distill is not None:
         from qbert_edge.distill import DistillConfig
 
-        args.distill = DistillConfig(args.distill_alpha, args.distill_temperature)
+        args.distill = DistillConfig(args.distill_alpha, args.distill_temperature, args.distill_hidden)
     if args.report_only:
         data = json.loads((args.out / "peers.json").read_text())
         write_report(data["rows"], data["meta"], args)
@@ -806,7 +809,8 @@ def main(argv: list[str] | None = None) -> None:
                        + (f" (steps per variant: {', '.join(f'{k} {n}' for k, n in args.steps_for.items())})"
                           if args.steps_for else "")
                        + (f", distilled from it (KL on logits at T {args.distill.temperature:g}, weight "
-                          f"{args.distill.alpha:g}, + CE)" + (f" for {', '.join(sorted(args.distill_keys))}"
+                          f"{args.distill.alpha:g}, + CE" + (f"; hidden states, weight {args.distill.hidden:g}"
+                                                             if args.distill.hidden else "") + ")" + (f" for {', '.join(sorted(args.distill_keys))}"
                                                             if args.distill_keys else "") if args.distill else "")
                        + (f", except {', '.join(args.directq)}: DirectQ (64 calibration sentences)" if args.directq else ""))
                       if args.qat_steps or args.steps_for else "DirectQ (64 calibration sentences, no training)",

@@ -5,11 +5,14 @@ of Q-BERT itself: during QAT the fp32 model the plan was made from is the teache
 fake-quantized copy learns from its softened outputs as well as from the labels::
 
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels)
+         + hidden * mean over layers of MSE(student hidden state, teacher hidden state)
 
 ``T^2`` keeps the soft term's gradients on the scale of the hard one as ``T`` grows. ``alpha = 0``
-is plain cross-entropy. This module holds the settings and the loss; it does not run the teacher
-or train (:func:`qbert_edge.train.fine_tune` does) and has no intermediate-layer (hidden-state or
-attention) distillation.
+is plain cross-entropy. The hidden-state term (TernaryBERT's intermediate-layer distillation; off
+at ``hidden = 0``) compares the embedding output and every encoder layer's output at the real,
+unpadded tokens: a 2-bit layer learns to reproduce what its fp32 original passed on, not only the
+final logits. This module holds the settings and the losses; it does not run the teacher or train
+(:func:`qbert_edge.train.fine_tune` does) and has no attention-score distillation.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ from qbert_edge.errors import QbertEdgeError
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Weight ``alpha`` of the distillation term (in [0, 1]) and the softmax ``temperature`` (> 0)."""
+    """Weight ``alpha`` of the logit term (in [0, 1]), the softmax ``temperature`` (> 0) and the
+    weight ``hidden`` (>= 0) of the hidden-state term."""
 
     alpha: float = 0.5
     temperature: float = 2.0
+    hidden: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.hidden >= 0:
+            raise QbertEdgeError(f"hidden-state distillation weight must be >= 0, got {self.hidden}")
         if not 0.0 <= self.alpha <= 1.0:
             raise QbertEdgeError(f"distillation alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
@@ -37,6 +44,21 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of the mean squared difference of ``[batch, seq, hidden]`` states at unpadded tokens.
+
+    >>> h = (torch.ones(1, 2, 4),)
+    >>> float(hidden_state_loss(h, (torch.zeros(1, 2, 4),), torch.tensor([[1, 0]])))
+    1.0
+    """
+    if len(student) != len(teacher):
+        raise QbertEdgeError(f"distillation: student has {len(student)} hidden states, teacher {len(teacher)}")
+    mask = attention_mask.unsqueeze(-1).to(student[0].dtype)
+    count = mask.sum() * student[0].shape[-1]
+    total = sum(((s - t.detach()).square() * mask).sum() for s, t in zip(student, teacher))
+    return total / (count * len(student))
 
 
 def distillation_loss(

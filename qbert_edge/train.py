@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from qbert_edge.data import Dataset, torch_batches
-from qbert_edge.distill import DistillConfig, distillation_loss
+from qbert_edge.distill import DistillConfig, distillation_loss, hidden_state_loss
 from qbert_edge.errors import QbertEdgeError
 from qbert_edge.fileio import atomic_path
 from qbert_edge.runtime.metrics import Metrics, score_logits
@@ -183,12 +183,16 @@ def fine_tune(
         for epoch in range(epochs):
             epoch_sum, epoch_n = 0.0, 0
             for batch in torch_batches(dataset, tokenizer, batch_size, max_length, shuffle=True, seed=seed + epoch):
-                out = model(**batch)
+                hidden = teacher is not None and distill.hidden > 0
+                out = model(**batch, output_hidden_states=True) if hidden else model(**batch)
                 loss = out.loss
                 if teacher is not None and loss is not None:
                     with torch.no_grad():
-                        soft = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                    loss = distillation_loss(out.logits, soft, batch["labels"], distill, ce=loss)
+                        taught = teacher(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=hidden)
+                    loss = distillation_loss(out.logits, taught.logits, batch["labels"], distill, ce=loss)
+                    if hidden:
+                        loss = loss + distill.hidden * hidden_state_loss(out.hidden_states, taught.hidden_states,
+                                                                         batch["attention_mask"])
                 if loss is None or not torch.isfinite(loss):
                     raise QbertEdgeError(f"fine-tuning diverged at step {step + 1}: loss is {loss}; try a lower --lr")
                 optimizer.zero_grad(set_to_none=True)

@@ -30,10 +30,13 @@ from qbert_edge.plan import CLIPS
 @click.option("--distill", is_flag=True, help="QAT distils from the fp32 MODEL (teacher): KL on softened logits + CE.")
 @click.option("--distill-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Weight of the distillation term (with --distill).")
 @click.option("--distill-temperature", type=click.FloatRange(0, min_open=True), default=2.0, show_default=True, help="Softmax temperature (with --distill).")
+@click.option("--distill-hidden", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Weight of the hidden-state term: MSE of every layer's output against the teacher's (with --distill).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write model.pt.")
 def command(model, plan_path, bits, groups, embedding_bits, symmetric, clip, direct, data, epochs, lr, batch_size,
-            max_length, max_steps, calib_size, distill, distill_alpha, distill_temperature, seed, output) -> None:
+            max_length, max_steps, calib_size, distill, distill_alpha, distill_temperature, distill_hidden, seed,
+            output) -> None:
     """Quantize MODEL (minilm, minilm-rt, a transformers directory or a state dict) -> model.pt.
 
     \b
@@ -82,10 +85,11 @@ def command(model, plan_path, bits, groups, embedding_bits, symmetric, clip, dir
         result = qat_quantize(
             loaded, plan, dataset, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
             seed=seed, max_steps=max_steps,
-            distill=DistillConfig(distill_alpha, distill_temperature) if distill else None,
+            distill=DistillConfig(distill_alpha, distill_temperature, distill_hidden) if distill else None,
         )
     result.meta["data"] = data_spec
     save_quantized(result, output)
     avg = plan.weight_bits(quantizable_shapes(result.model))
-    how = result.meta["method"] + (f", distilled alpha {distill_alpha:g} T {distill_temperature:g}" if distill else "")
+    how = result.meta["method"] + (f", distilled alpha {distill_alpha:g} T {distill_temperature:g}" if distill else "") + (
+        f" hidden {distill_hidden:g}" if distill and distill_hidden else "")
     click.echo(f"wrote {output} ({how}, {len(plan.modules)} modules, {avg:.2f} bits/weight in the encoder)")

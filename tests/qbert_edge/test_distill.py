@@ -71,7 +71,7 @@ def test_alpha_zero_is_exactly_the_old_training():
     for (name, a), b in zip(plain.state_dict().items(), student.state_dict().values()):
         assert torch.equal(a, b), name
     assert r_kd.config.distill == DistillConfig(0.0, 2.0) and r_plain.config.distill is None
-    assert r_kd.to_dict()["config"]["distill"] == {"alpha": 0.0, "temperature": 2.0}
+    assert r_kd.to_dict()["config"]["distill"] == {"alpha": 0.0, "temperature": 2.0, "hidden": 0.0}
 
 
 def test_teacher_gets_no_gradients_and_the_student_learns_from_it():
@@ -111,8 +111,8 @@ def test_qat_quantize_distils_from_the_fp32_model_and_records_it():
     plan = uniform_plan(quantizable_shapes(a.model), 2, 2)
     out = qat_quantize(a, plan, TINY, lr=1e-3, batch_size=4, max_length=16, max_steps=4, progress=False,
                        distill=DistillConfig(0.8, 3.0))
-    assert out.meta["distill"] == {"teacher": "tiny (fp32)", "alpha": 0.8, "temperature": 3.0}
-    assert out.meta["training"]["config"]["distill"] == {"alpha": 0.8, "temperature": 3.0}
+    assert out.meta["distill"] == {"teacher": "tiny (fp32)", "alpha": 0.8, "temperature": 3.0, "hidden": 0.0}
+    assert out.meta["training"]["config"]["distill"] == {"alpha": 0.8, "temperature": 3.0, "hidden": 0.0}
     plain = qat_quantize(loaded(), plan, TINY, lr=1e-3, batch_size=4, max_length=16, max_steps=4, progress=False)
     assert plain.meta["distill"] is None
     assert out.meta["training"]["first_loss"] != plain.meta["training"]["first_loss"]
@@ -147,3 +147,33 @@ def test_cli_distill_flag(tmp_path, tiny_tokenizer, capsys):
               "-o", str(tmp_path / "x.pt")])
     assert exc.value.code == 2 and "--distill" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_hidden_state_loss_ignores_padding_and_averages_layers():
+    import torch
+
+    from qbert_edge.distill import hidden_state_loss
+
+    student = (torch.zeros(1, 3, 2), torch.ones(1, 3, 2) * 2)
+    teacher = (torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))
+    teacher[1][0, 2] = 100.0  # a padded position: must not count
+    mask = torch.tensor([[1, 1, 0]])
+    assert float(hidden_state_loss(student, teacher, mask)) == 2.0  # (0 + 4) / 2 layers
+
+
+def test_hidden_state_distillation_trains_and_is_off_by_default(tiny_tokenizer):
+    import copy
+
+    assert DistillConfig().hidden == 0.0
+    with pytest.raises(QbertEdgeError, match="hidden-state distillation weight"):
+        DistillConfig(hidden=-1.0)
+    student = make_tiny_bert(init_range=0.2)
+    teacher = copy.deepcopy(student)
+    plain = fine_tune(copy.deepcopy(student), TINY, tiny_tokenizer, epochs=1, seed=0, teacher=teacher,
+                      distill=DistillConfig(0.5, 2.0), **ARGS)
+    hidden = fine_tune(copy.deepcopy(student), TINY, tiny_tokenizer, epochs=1, seed=0, teacher=teacher,
+                       distill=DistillConfig(0.5, 2.0, hidden=1.0), **ARGS)
+    assert len(hidden.losses) == len(plain.losses) and all(map(math.isfinite, hidden.losses))
+    # same seed, same dropout masks: at step 1 the hidden term (>= 0) is the only difference
+    assert hidden.losses[0] >= plain.losses[0] - 1e-6
+    assert hidden.losses != plain.losses
