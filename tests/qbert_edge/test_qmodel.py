@@ -121,3 +121,21 @@ def test_mse_clip_training_simulates_the_frozen_codes(tiny_bert, tiny_tokenizer)
         frozen = tiny_bert(**b).logits
     assert torch.allclose(simulated, frozen, atol=1e-6)
     assert torch.equal(codes["encoder.layer.0.attention.self.query"].scale, expected_scale)
+
+
+@pytest.mark.parametrize("clip", ["minmax", "mse"])
+def test_embedding_fake_quantizes_only_the_rows_it_reads_with_the_same_numbers(clip):
+    from qbert_edge.plan import ModuleQuant
+    from qbert_edge.quant import fake_quantize
+
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(50, 8, padding_idx=0)
+    emb = QuantEmbedding(table, ModuleQuant(bits=2, groups=50, shape=(50, 8), clip=clip))
+    ids = torch.tensor([[0, 7, 7, 3], [49, 0, 3, 12]])
+    out = emb(ids)
+    whole = torch.nn.functional.embedding(ids, fake_quantize(emb.weight, emb.spec, emb.range_shrink()))
+    assert torch.equal(out, whole)
+    out.sum().backward()
+    grad = emb.weight.grad
+    assert torch.equal(grad[0], torch.zeros(8))  # padding row: no gradient, as F.embedding
+    assert grad[7].abs().sum() > 0 and grad[1].abs().sum() == 0  # a row read twice learns; an unread row does not
