@@ -198,3 +198,53 @@ def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: f
         save_quantized(result, tmp)
         os.replace(tmp, out)
     return out
+
+
+def _quantize_job(source: str, out: str, plan: dict, qat_steps: int, lr: float, distill, seed: int, threads: int) -> str:
+    """One :func:`quantize_ours` in a worker process (a plan travels as its dict)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    from qbert_edge.plan import Plan
+
+    if threads:
+        torch.set_num_threads(threads)
+    quantize_ours(source, Path(out), Plan.from_dict(plan), qat_steps, lr, distill, seed)
+    return out
+
+
+def quantize_many(source: str | Path, jobs: list[dict], workers: int = 1, until: float | None = None) -> list[Path]:
+    """:func:`quantize_ours` for each job (its keyword arguments: ``out``, ``plan``, ``qat_steps``,
+    ``lr``, ``distill``, ``seed``), in order, ``workers`` at a time; a job not started by the
+    time ``until`` (epoch s) is skipped. The files that exist afterwards, in job order.
+
+    More than one worker: each is a fresh process with one torch thread. On two cores two
+    one-thread QATs of MiniLM get through more steps than one two-thread QAT: its 384-wide
+    matrices keep a second thread busy only part of the time."""
+    def late(job) -> bool:
+        if until and time.time() > until and not job["out"].exists():
+            log.warning("build time limit reached: %s not built", job["out"].name)
+            return True
+        return False
+
+    if workers <= 1:
+        for job in jobs:
+            if not late(job):
+                quantize_ours(source, **job)
+        return [j["out"] for j in jobs if j["out"].exists()]
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pending, running = list(jobs), set()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                if job["out"].exists() or late(job):
+                    continue
+                running.add(pool.submit(_quantize_job, str(source), str(job["out"]), job["plan"].to_dict(),
+                                        job["qat_steps"], job["lr"], job["distill"], job["seed"], 1))
+            done, running = wait(running, return_when=FIRST_COMPLETED) if running else (set(), set())
+            for future in done:
+                future.result()  # a worker's error stops the benchmark, as it would inline
+    return [j["out"] for j in jobs if j["out"].exists()]

@@ -1,7 +1,7 @@
 """Side-by-side benchmark: qbert-edge against onnxruntime's quantizers and PyTorch, with plots.
 
     pip install torch==2.13.0 && pip install -e '.[train,bench]'   # once
-    python benchmarks/peers.py                          # MiniLM classifier + BERT-base shape
+    python benchmarks/peers.py                          # the committed results (RECIPE), MiniLM + BERT-base
     python benchmarks/peers.py --quick                  # MiniLM only, 1 repeat, few runs
     python benchmarks/peers.py --skip-bert-base --repeats 3 --runs 10
 
@@ -65,7 +65,7 @@ from peer_models import (
     ort_int8,
     ort_nbits,
     plan_digest,
-    quantize_ours,
+    quantize_many,
     torch_module,
 )
 
@@ -148,6 +148,19 @@ SENSITIVITY = ROOT / "models" / "minilm-rt" / "sensitivity.json"
 PRIORITY = ("ort-int8", "ours-mp23-e2", "ours-mp24-e2", "ours-w4-e4", "ours-mp48-e4", "ours-mp23", "ours-mp24", "ort-4b32",
             "ort-4b128", "ort-4b32-g", "ort-4b128-g", "ort-fp32", "ours-w4", "ours-w3", "ours-w8")
 ALL_VARIANTS = tuple(PEERS + [Variant(k, v.label, "ours", "onnx", OUR_ENGINES) for k, v in OURS.items()])
+#: what ``python benchmarks/peers.py`` does with no flags: the recipe of the committed results.
+#: MiniLM rows of ours: QAT ``qat_steps`` steps, the targets' rows ``steps_for`` steps, distilled
+#: (``distill``, with its weights), w8/w4/w3 DirectQ; MSE-clipped group ranges throughout.
+RECIPE = {
+    "qat_steps": 80,
+    "steps_for": ("ours-mp24-e2=240", "ours-mp48-e4=240", "ours-w4-e4=240"),
+    "distill": ("ours-mp24-e2",),
+    "distill_alpha": 0.5,
+    "distill_temperature": 2.0,
+    "distill_hidden": 0.0,
+    "directq": ("ours-w8", "ours-w4", "ours-w3"),
+    "clip": "mse",
+}
 
 
 def ours_plan(spec: Ours, shapes, num_layers: int, sens=None, high_layers: int = 2, clip: str = "minmax"):
@@ -199,7 +212,7 @@ def ensure_reference() -> None:
 def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: float = 5e-5,
           high_layers: int = 2, directq: frozenset[str] = frozenset(), until: float | None = None,
           distill=None, steps_for: dict[str, int] | None = None, distill_keys: frozenset[str] | None = None,
-          clip: str = "minmax", seed: int = 0) -> tuple[dict[str, Path], dict[str, str]]:
+          clip: str = "minmax", seed: int = 0, workers: int = 1) -> tuple[dict[str, Path], dict[str, str]]:
     """The files of ``model`` (``minilm`` or ``bert-base``) for the variants ``keys`` (ORT fp32
     always: the other ONNX peers are made from it), built once in ``workdir``, and a plan note per
     variant of ours. Ours on MiniLM: QAT for ``qat_steps`` steps at ``lr`` (0, or a key in
@@ -209,7 +222,8 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
     ``steps_for`` overrides ``qat_steps`` per key; ``distill`` (a
     :class:`qbert_edge.distill.DistillConfig`) makes every QAT row distil from the fp32 model, or
     only the keys in ``distill_keys`` if given. ``clip`` chooses the group ranges of ours (``mse``:
-    narrowed to the least squared error, :func:`qbert_edge.quant.mse_shrink`); ``seed`` is the QAT seed."""
+    narrowed to the least squared error, :func:`qbert_edge.quant.mse_shrink`); ``seed`` is the QAT seed.
+    ``workers`` models of ours are built at a time (:func:`peer_models.quantize_many`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if model == "minilm":
         ensure_reference()
@@ -231,7 +245,7 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
         p[f"ort-4b{block}-g"] = ort_nbits(p["ort-fp32"], workdir / f"{model}-4b{block}-g.onnx", block, gather=True)
     p["torch-fp32"] = torch_module(source, workdir / f"{model}-torch-fp32.pth")
     p["torch-int8"] = torch_module(source, workdir / f"{model}-torch-int8.pth", dynamic_int8=True)
-    notes = {}
+    notes, jobs = {}, {}
     for key in sorted(OURS, key=lambda k: PRIORITY.index(k) if k in PRIORITY else len(PRIORITY)):
         if key not in keys:
             continue
@@ -239,15 +253,16 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
         n = 0 if key in directq or model != "minilm" else (steps_for or {}).get(key, steps)
         kd = distill if n and (distill_keys is None or key in distill_keys) else None
         name = f"{model}-{key}-{'qat%d' % n if n else 'dq'}{'kd' if kd else ''}-{plan_digest(plan, n, lr, kd, seed)}"
-        pt, onnx_path = workdir / f"{name}.pt", workdir / f"{name}.onnx"
-        if until and time.time() > until and not (pt.exists() and onnx_path.exists()):
-            log.warning("build time limit reached: %s %s not built", model, key)
-            continue
+        jobs[key] = {"out": workdir / f"{name}.pt", "plan": plan, "qat_steps": n, "lr": lr, "distill": kd, "seed": seed}
         notes[key] = note + ("; DirectQ" if model == "minilm" and not n else "") + (
             f"; QAT {n} steps" if n and n != steps else "") + (
             f"; distilled ({distill_note(kd)})" if kd else "") + (f"; seed {seed}" if n and seed else "")
-        quantize_ours(source, pt, plan, qat_steps=n, lr=lr, distill=kd, seed=seed)
-        p[key] = export_onnx(pt, onnx_path)
+    quantize_many(source, list(jobs.values()), workers, until)
+    for key, job in jobs.items():
+        if job["out"].exists():
+            p[key] = export_onnx(job["out"], job["out"].with_suffix(".onnx"))
+        else:
+            del notes[key]
     return p, notes
 
 
@@ -699,25 +714,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="Fresh processes per figure (ort-custom: 1).")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--qat-steps", type=int, default=80,
+    parser.add_argument("--qat-steps", type=int, default=RECIPE["qat_steps"],
                         help="QAT steps (batch 32) for ours on MiniLM (0: DirectQ); BERT-base is always DirectQ.")
     parser.add_argument("--lr", type=float, default=5e-5, help="QAT learning rate.")
-    parser.add_argument("--steps-for", nargs="*", default=[], metavar="KEY=N",
-                        help="QAT steps for these of ours on MiniLM instead of --qat-steps (e.g. ours-w4-e4=240).")
-    parser.add_argument("--distill", nargs="*", default=None, choices=sorted(OURS), metavar="KEY",
-                        help="QAT rows of ours distil from the fp32 classifier (KL on softened logits + CE): "
-                             "every one, or only these KEYs.")
-    parser.add_argument("--distill-alpha", type=float, default=0.5, help="Weight of the distillation term.")
-    parser.add_argument("--distill-hidden", type=float, default=0.0,
+    parser.add_argument("--steps-for", nargs="*", default=list(RECIPE["steps_for"]), metavar="KEY=N",
+                        help="QAT steps for these of ours on MiniLM instead of --qat-steps (given with no KEY: none).")
+    parser.add_argument("--distill", nargs="*", default=list(RECIPE["distill"]), choices=sorted(OURS) + ["none"],
+                        metavar="KEY", help="QAT rows of ours distil from the fp32 classifier (KL on softened logits "
+                                            "+ CE): every one (given with no KEY), only these KEYs, or none.")
+    parser.add_argument("--distill-alpha", type=float, default=RECIPE["distill_alpha"], help="Weight of the distillation term.")
+    parser.add_argument("--distill-hidden", type=float, default=RECIPE["distill_hidden"],
                         help="Weight of the hidden-state distillation term (MSE of every layer's output).")
-    parser.add_argument("--distill-temperature", type=float, default=2.0, help="Distillation softmax temperature.")
-    parser.add_argument("--clip", choices=("minmax", "mse"), default="minmax",
+    parser.add_argument("--distill-temperature", type=float, default=RECIPE["distill_temperature"],
+                        help="Distillation softmax temperature.")
+    parser.add_argument("--clip", choices=("minmax", "mse"), default=RECIPE["clip"],
                         help="Group ranges of ours: min/max, or narrowed per group to the least squared error.")
     parser.add_argument("--seed", type=int, default=0, help="QAT seed of ours (data order, dropout).")
-    parser.add_argument("--directq", nargs="*", default=[], choices=sorted(OURS), metavar="KEY",
-                        help="These of ours DirectQ on MiniLM too (labelled in the table).")
+    parser.add_argument("--directq", nargs="*", default=list(RECIPE["directq"]), choices=sorted(OURS), metavar="KEY",
+                        help="These of ours DirectQ on MiniLM too (labelled in the table; given with no KEY: none).")
     parser.add_argument("--build-limit", type=float, default=0,
                         help="Start no new model of ours this many seconds after the start (0: no limit).")
+    parser.add_argument("--build-jobs", type=int, default=2,
+                        help="Models of ours built at a time, each in its own one-thread process (1: in this process).")
     parser.add_argument("--build-threads", type=int, default=0,
                         help="torch threads while building (0: torch's default); 1 is faster on a busy machine.")
     parser.add_argument("--high-layers", type=int, default=2,
@@ -728,6 +746,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="Stop measuring this many seconds after the start (partial run; 0: no limit).")
     args = parser.parse_args(argv)
     args.steps_for = parse_steps_for(args.steps_for)
+    if args.distill == ["none"]:
+        args.distill = None
+    elif args.distill and "none" in args.distill:
+        parser.error("--distill none stands alone")
     args.distill_keys = frozenset(args.distill) if args.distill else None
     if args.distill is not None:
         from qbert_edge.distill import DistillConfig
@@ -762,7 +784,8 @@ def main(argv: list[str] | None = None) -> None:
         paths, notes[model] = build(model, args.workdir, {v.key for v in variants}, args.qat_steps, args.lr,
                                     args.high_layers, frozenset(args.directq),
                                     started + args.build_limit if args.build_limit else None,
-                                    args.distill, args.steps_for, args.distill_keys, args.clip, args.seed)
+                                    args.distill, args.steps_for, args.distill_keys, args.clip, args.seed,
+                                    args.build_jobs)
         paths = {k: p for k, p in paths.items() if any(v.key == k for v in variants)}
         t1 = time.time()
         acc = {}

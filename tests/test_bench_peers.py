@@ -193,3 +193,28 @@ def test_a_missing_builder_module_fails_at_once_naming_the_extra(peers, monkeypa
     monkeypatch.setitem(peer_models.NEEDS, "surely_not_installed_qbert_module", "bench")
     with pytest.raises(SystemExit, match=r"missing surely_not_installed_qbert_module: pip install -e '\.\[bench\]'"):
         peer_models.check_installed()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_quantize_many_builds_every_job_in_order_and_skips_late_ones(peers, tmp_path, tiny_tokenizer, workers):
+    import time
+
+    from conftest import make_tiny_bert
+    from peer_models import quantize_many
+
+    from qbert_edge.checkpoint import load_quantized
+    from qbert_edge.plan import uniform_plan
+    from qbert_edge.qmodel import quantizable_shapes
+
+    model = make_tiny_bert()
+    model.config.id2label, model.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+    model.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer.save(str(tmp_path / "tiny" / "tokenizer.json"))
+    plan = uniform_plan(quantizable_shapes(model), 2, 4, clip="mse")
+    jobs = [{"out": tmp_path / f"m{i}.pt", "plan": plan, "qat_steps": steps, "lr": 1e-3, "distill": None, "seed": 0}
+            for i, steps in enumerate((2, 0))]
+    assert quantize_many(tmp_path / "tiny", jobs, workers) == [tmp_path / "m0.pt", tmp_path / "m1.pt"]
+    assert load_quantized(tmp_path / "m0.pt").meta["method"] == "qat"
+    assert load_quantized(tmp_path / "m1.pt").meta["method"] == "directq"
+    late = [{**jobs[0], "out": tmp_path / "late.pt"}]
+    assert quantize_many(tmp_path / "tiny", late, workers, until=time.time() - 1) == []
