@@ -218,9 +218,10 @@ def quantize_many(source: str | Path, jobs: list[dict], workers: int = 1, until:
     ``lr``, ``distill``, ``seed``), in order, ``workers`` at a time; a job not started by the
     time ``until`` (epoch s) is skipped. The files that exist afterwards, in job order.
 
-    More than one worker: each is a fresh process with one torch thread. On two cores two
-    one-thread QATs of MiniLM get through more steps than one two-thread QAT: its 384-wide
-    matrices keep a second thread busy only part of the time."""
+    More than one worker: each is a fresh process with one torch thread. On two cores, two
+    one-thread MiniLM training loops got through 8% more steps than one two-thread loop (2.8 s
+    per step each against 1.52 s, batch 32 x 64 tokens): the 384-wide matrices keep a second
+    thread only partly busy."""
     def late(job) -> bool:
         if until and time.time() > until and not job["out"].exists():
             log.warning("build time limit reached: %s not built", job["out"].name)
