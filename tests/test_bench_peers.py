@@ -218,3 +218,11 @@ def test_quantize_many_builds_every_job_in_order_and_skips_late_ones(peers, tmp_
     assert load_quantized(tmp_path / "m1.pt").meta["method"] == "directq"
     late = [{**jobs[0], "out": tmp_path / "late.pt"}]
     assert quantize_many(tmp_path / "tiny", late, workers, until=time.time() - 1) == []
+
+
+def test_wait_for_idle_returns_the_load_and_never_waits_past_max_wait(peers):
+    import time
+
+    t = time.time()
+    load = peers.wait_for_idle(busy=0.0, max_wait=0)  # nothing is ever < 0% busy: one sample, then give up
+    assert isinstance(load, float) and time.time() - t < 5
