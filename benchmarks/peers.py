@@ -655,7 +655,7 @@ def markdown(rows: list[dict], meta: dict, pngs: list[str], img_dir: str = "") -
         (f"Machine: {meta['machine']}, {meta['cpus']} CPUs, {meta['threads']} threads per model, {meta['mem_gb']} GB RAM; "
          f"Python {meta['python']}, onnxruntime {meta['onnxruntime']}, torch {meta['torch']}.  "),
         (f"Load average (1 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; each figure waited up to "
-         (f"{meta['max_wait']} s for the CPUs to be < {meta['idle_cpu']:.0%} busy" if "idle_cpu" in meta else
+         + (f"{meta['max_wait']} s for the CPUs to be < {meta['idle_cpu']:.0%} busy" if "idle_cpu" in meta else
           f"{meta['max_wait']} s for load < {meta['idle_load']}") + " and the load it ran at is in the table.  "),
         (f"Code: commit {meta['git']['commit']}" + (f" with uncommitted changes to {', '.join(meta['git']['modified'])}"
                                                     if meta["git"].get("modified") else "") + ".  ") if meta.get("git") else "",

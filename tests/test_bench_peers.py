@@ -226,3 +226,12 @@ def test_wait_for_idle_returns_the_load_and_never_waits_past_max_wait(peers):
     t = time.time()
     load = peers.wait_for_idle(busy=0.0, max_wait=0)  # nothing is ever < 0% busy: one sample, then give up
     assert isinstance(load, float) and time.time() - t < 5
+
+
+def test_markdown_header_names_the_idle_test_of_old_and_new_runs(peers):
+    meta = {"partial": False, "command": "c", "date": "d", "seconds": 1.0, "machine": "x86_64", "cpus": 2, "threads": 2,
+            "mem_gb": 1, "python": "3", "onnxruntime": "1", "torch": "2", "loadavg_start": 0.1, "loadavg_end": 0.2,
+            "max_wait": 30.0, "idle_cpu": 0.25}
+    assert "for the CPUs to be < 25% busy" in peers.markdown([], meta, [])
+    old = {k: v for k, v in meta.items() if k != "idle_cpu"} | {"idle_load": 2.5}
+    assert "for load < 2.5" in peers.markdown([], old, [])
