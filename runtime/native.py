@@ -29,13 +29,17 @@ becomes ``com.microsoft::GatherBlockQuantized``, with the same numbers:
 - Zero points are passed packed (uint8, ``ceil(blocks*bits/8)`` bytes per row), as both ops expect.
 - Opt-in ``int8=True`` (the runtime's "fast" option, ``RuntimeOptions(int8_matmul=True)``): a
   ``QMatMul`` whose input is ``QuantizeLinear -> DequantizeLinear`` (uint8, per-tensor: the
-  plan's 8-bit activations) and whose weight has at most 7 bits becomes
+  plan's 8-bit activations) and whose weight has at most :data:`INT8_MAX_BITS` (6) bits becomes
   ``com.microsoft::MatMulIntegerToFloat`` on the ``QuantizeLinear`` output and an int8 ``[K, N]``
   weight ``code - zero`` (fits: ``|code - zero| < 128``) with a per-column scale. The products are
   integers, summed exactly in int32, then scaled: the same numbers as dequantize-then-matmul up to
   float rounding. onnxruntime's u8 x s8 GEMM (VNNI/AMX on x86, SDOT on ARM) is several times
   faster than its fp32 paths, but the weights are held at 8 bits (1 byte per weight, twice a
-  4-bit ``MatMulNBits``): :func:`int8_weight`.
+  4-bit ``MatMulNBits``): :func:`int8_weight`. Why at most 6 bits: on an AVX2 CPU without VNNI
+  onnxruntime multiplies u8 x s8 with ``vpmaddubsw``, which adds two products in int16 and
+  saturates: ``2 * 255 * |w|`` fits only for ``|w| <= 64``. A 7-bit weight (``|w|`` up to 127)
+  came out 20% wrong on such a machine (an AMD EPYC, AVX2 only); 6 bits (``|w| <= 63``) is exact
+  on every kernel.
 
 :func:`native_rewrite` works on a model plus a separate ``name -> array`` dict of weights (what the
 runtime's memory-mapped loader holds); :func:`to_native` is the same on a self-contained model.
@@ -67,6 +71,8 @@ MS_DOMAIN = "com.microsoft"
 NATIVE_BITS = (2, 4, 8)
 MIN_BLOCK = 16
 MAX_BLOCK = 256
+#: widest weight the int8 rewrite takes: u8 x s8 pairs summed in int16 (AVX2 without VNNI) saturate above 6 bits
+INT8_MAX_BITS = 6
 #: ``accuracy_level`` at which onnxruntime computes a ``MatMulNBits`` with int8 activations; the
 #: only one with a native 2-bit CPU kernel (0/1: fp32, exact, 2-bit dequantized per call).
 INT8_LEVEL = 4
@@ -299,7 +305,7 @@ def native_rewrite(
             new_bits, block = native_bits(bits), block_size_for(cols, max_block)
         else:
             raise QbertEdgeError(f"model.onnx: unknown {DOMAIN} op {node.op_type!r}")
-        if node.op_type == "QMatMul" and node.input[0] in quantized and bits <= 7:  # int8=True: MatMulIntegerToFloat
+        if node.op_type == "QMatMul" and node.input[0] in quantized and bits <= INT8_MAX_BITS:  # int8: MatMulIntegerToFloat
             base = node.name.split("/")[0] or node.output[0]
             x, w, s, z = node.input[:4]
             bias = node.input[4] if len(node.input) > 4 else ""
