@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
 from qbert_edge.errors import QbertEdgeError  # noqa: E402
+from qbert_edge.plan import CLIPS  # noqa: E402
 
 FORMAT = "qbert-edge/benchmark-distill"
 VERSION = 1
@@ -131,9 +132,12 @@ def targets(rows: list[dict], refs: dict) -> list[str]:
 
 
 def _kd(distill: dict) -> str:
-    """``"alpha 0.5, T 2"`` (and ``", hidden 1"``) of a row's distillation settings."""
-    return f"alpha {distill['alpha']:g}, T {distill['temperature']:g}" + (
-        f", hidden {distill['hidden']:g}" if distill.get("hidden") else "")
+    """``"alpha 0.5, T 2"`` (and ``", hidden 1"``) of a row's distillation settings (``peer_models.distill_note``)."""
+    from peer_models import distill_note
+
+    from qbert_edge.distill import DistillConfig
+
+    return distill_note(DistillConfig(**distill))
 
 
 def _ranges(row: dict) -> str:
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-hidden", type=float, default=0.0, help="Weight of the hidden-state term.")
     parser.add_argument("--distill-temperature", type=float, default=2.0)
     parser.add_argument("--high-layers", type=int, default=2)
-    parser.add_argument("--clip", choices=("minmax", "mse"), default="minmax", help="Group ranges of the plan.")
+    parser.add_argument("--clip", choices=CLIPS, default="minmax", help="Group ranges of the plan.")
     parser.add_argument("--seed", type=int, default=0, help="QAT seed (data order, dropout): for seed-to-seed spread.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=cache / "bench-peers")

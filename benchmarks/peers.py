@@ -72,6 +72,7 @@ from peer_models import (
 )
 
 from qbert_edge.errors import QbertEdgeError
+from qbert_edge.plan import CLIPS
 
 FORMAT = "qbert-edge/benchmark-peers"
 VERSION = 2
@@ -732,7 +733,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="Weight of the hidden-state distillation term (MSE of every layer's output).")
     parser.add_argument("--distill-temperature", type=float, default=RECIPE["distill_temperature"],
                         help="Distillation softmax temperature.")
-    parser.add_argument("--clip", choices=("minmax", "mse"), default=RECIPE["clip"],
+    parser.add_argument("--clip", choices=CLIPS, default=RECIPE["clip"],
                         help="Group ranges of ours: min/max, or narrowed per group to the least squared error.")
     parser.add_argument("--seed", type=int, default=0, help="QAT seed of ours (data order, dropout).")
     parser.add_argument("--directq", nargs="*", default=list(RECIPE["directq"]), choices=sorted(OURS), metavar="KEY",
