@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qbert_edge.errors import QbertEdgeError
-from qbert_edge.plan import EMBEDDINGS, HEAD_LINEARS, LAYER_LINEARS, ModuleQuant, Plan
+from qbert_edge.plan import EMBEDDINGS, LAYER_LINEARS, ModuleQuant, Plan
 from qbert_edge.quant import QTensor, activation_params, fake_quantize, mse_shrink, quantize, quantize_activation
 
 EMA_MOMENTUM = 0.9
