@@ -272,15 +272,17 @@ def test_accuracy_level_option_is_set_on_matmulnbits(tiny_model):
 # ----------------------------------------------------------------------------- the reference model (slow)
 
 #: Agreement between backends on the real model. The 8-bit activation quantizers
-#: (QuantizeLinear) can round one value a step apart when two backends sum in a different order,
-#: and in a 2/3-bit encoder the step propagates: measured on 64 rt:dev sentences, the per-sentence
-#: max |logit diff| against the reference is 0 at the median, <= 0.005 at the 90th percentile and
-#: 0.2-0.3 for the 1-3 sentences with a flip (logits up to ~2.5); on 128: 92% (ort) and 95%
-#: (ort-custom) within the tolerance, 99% and 100% same labels. So: at least DEV_CLEAN of the
-#: sentences within DEV_ATOL + DEV_RTOL * max|logit|, and at least DEV_SAME_LABELS of the labels
-#: equal (all of them among the within-tolerance sentences whose margin exceeds twice it).
-DEV_ATOL, DEV_RTOL = 0.01, 0.01
-DEV_CLEAN, DEV_SAME_LABELS = 0.85, 0.98
+#: (QuantizeLinear) round a value one step apart when it lies within float rounding of a step
+#: boundary and two backends computed it in a different order; in a 2/3-bit encoder that one step
+#: moves the logits by up to ~0.3. How many sentences meet such a tie depends on the kernels (92%
+#: of 128 rt:dev sentences were free of it on an AVX-512 machine, 82% on an AVX2 one), so the test
+#: checks the mechanism instead of a rate: a sentence whose activation codes all agree has logits
+#: within ATOL/RTOL, and where codes first differ, the quantizer inputs agree to TIE_STEPS of a step
+#: and every differing code is one step away at a value within TIE_STEPS of a rounding boundary.
+#: Measured on this machine: inputs within 7e-5 steps, boundaries within 6e-6 steps.
+TIE_STEPS = 1e-3
+#: Labels may still flip where a tie moved a small margin: 100% agreed on 128 sentences on both machines.
+DEV_SAME_LABELS = 0.98
 #: The reference backend takes about a second per sentence on 2 busy cores.
 DEV_SENTENCES = 128
 
@@ -330,30 +332,66 @@ def minilm_classifier(tmp_path_factory):
     return out / "model.onnx"
 
 
+def _probe_quantizers(path, out):
+    """A copy of ``path`` that also outputs every QuantizeLinear's input and codes, and their order."""
+    model = onnx.load(path)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    quantizers = []
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            x, scale, zero = node.input
+            quantizers.append((x, node.output[0], float(init[scale]), int(init[zero])))
+            model.graph.output.extend([onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None),
+                                       onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UINT8, None)])
+    onnx.save(model, out)
+    return out, quantizers
+
+
+def _first_code_difference(ref: dict, other: dict, quantizers, row: int):
+    """``None`` if every activation code of sentence ``row`` agrees, else what the first differing quantizer saw."""
+    for x, codes, scale, _ in quantizers:
+        differ = ref[codes][row] != other[codes][row]
+        if differ.any():
+            steps = ref[x][row][differ] / scale
+            return {"quantizer": codes.split("/")[0], "codes": int(differ.sum()),
+                    "max_code_step": int(np.abs(ref[codes][row].astype(int) - other[codes][row]).max()),
+                    "input_steps": float(np.abs(ref[x][row] - other[x][row]).max() / scale),
+                    "boundary_steps": float(np.abs(steps - np.floor(steps) - 0.5).max())}
+    return None
+
+
 @pytest.mark.slow
-def test_backends_agree_on_the_reference_dev_set(minilm_classifier):
+def test_backends_agree_on_the_reference_dev_set(minilm_classifier, tmp_path):
     from qbert_edge.data import load_data
 
-    logits = {}
-    for backend in ALL:
-        with Session(minilm_classifier, backend=backend) as s:
-            data = load_data("rt:dev", labels=s.labels)
-            logits[backend] = s.logits(data.texts[:DEV_SENTENCES], batch_size=32)
-    ref = logits["reference"]
-    tol = DEV_ATOL + DEV_RTOL * float(np.abs(ref).max())
-    margin = np.abs(ref[:, 0] - ref[:, 1])
-    stats = {}
-    for backend in ("ort", "ort-custom"):
-        close = np.abs(logits[backend] - ref).max(axis=1) <= tol
-        same = logits[backend].argmax(1) == ref.argmax(1)
-        firm = close & (margin > 2 * tol)
-        stats[backend] = {"within_tol": float(close.mean()), "same_labels": float(same.mean()),
-                          "firm_flips": int((~same[firm]).sum()), "max_diff": float(np.abs(logits[backend] - ref).max())}
-    print(f"tolerance {tol:.4f}: {stats}")
-    for backend, st in stats.items():
-        assert st["within_tol"] >= DEV_CLEAN, f"{backend}: only {st['within_tol']:.1%} of sentences within {tol:.4f}"
-        assert st["same_labels"] >= DEV_SAME_LABELS, f"{backend}: only {st['same_labels']:.1%} of labels agree"
-        assert st["firm_flips"] == 0, f"{backend}: {st['firm_flips']} labels differ on within-tolerance, clear-margin sentences"
+    probe, quantizers = _probe_quantizers(minilm_classifier, tmp_path / "probe.onnx")
+    sessions = {backend: Session(probe, backend=backend) for backend in ALL}
+    logit = sessions["reference"].output_names[0]
+    texts = load_data("rt:dev", labels=sessions["reference"].labels).texts[:DEV_SENTENCES]
+    ties, same = {"ort": [], "ort-custom": []}, {"ort": [], "ort-custom": []}
+    try:
+        for start in range(0, len(texts), 32):
+            feeds = sessions["reference"].encode(texts[start:start + 32])
+            ref = sessions["reference"].run(feeds)
+            tol = ATOL + RTOL * float(np.abs(ref[logit]).max())
+            for backend in ties:
+                out = sessions[backend].run(feeds)
+                same[backend].extend(out[logit].argmax(1) == ref[logit].argmax(1))
+                for row in range(len(ref[logit])):
+                    first = _first_code_difference(ref, out, quantizers, row)
+                    where = f"{backend}, sentence {start + row}"
+                    if first is None:
+                        assert np.abs(out[logit][row] - ref[logit][row]).max() <= tol, f"{where}: codes agree, logits do not"
+                        continue
+                    ties[backend].append(first)
+                    assert first["max_code_step"] == 1 and first["input_steps"] <= TIE_STEPS, f"{where}: {first}"
+                    assert first["boundary_steps"] <= TIE_STEPS, f"{where}: a code differs away from a tie: {first}"
+    finally:
+        for s in sessions.values():
+            s.close()
+    print({b: f"{len(t)} of {len(texts)} sentences meet a rounding tie, {np.mean(same[b]):.1%} same labels" for b, t in ties.items()})
+    for backend, agree in same.items():
+        assert np.mean(agree) >= DEV_SAME_LABELS, f"{backend}: only {np.mean(agree):.1%} of labels agree"
 
 
 def test_target_ort_model_runs_on_ort_only(tmp_path, tiny_tokenizer):
