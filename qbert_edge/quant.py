@@ -93,20 +93,34 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def mse_shrink(w: torch.Tensor, spec: ModuleQuant, grid: tuple[float, ...] = SHRINK_GRID) -> torch.Tensor:
+def mse_shrink(w: torch.Tensor, spec: ModuleQuant, grid: tuple[float, ...] = SHRINK_GRID,
+               chunk: int = 1 << 20) -> torch.Tensor:
     """Per group, the factor of ``grid`` whose narrowed range quantizes ``w`` with the least squared error.
 
-    Ties go to the earlier (wider) factor, so a group that clipping cannot help keeps 1.0.
+    Ties go to the earlier (wider) factor, so a group that clipping cannot help keeps 1.0. The
+    groups are searched about ``chunk`` values at a time, every factor on a block before the next
+    one, in one reused buffer, so that the block stays in cache: a BERT-base 3072 x 768 matrix at
+    4 bits took 1.1 s with a pass over the whole matrix and fresh tensors per factor, 0.08 s so
+    (2 cores, AVX2). The result does not depend on ``chunk``.
     """
     g = w.detach().float().reshape(spec.groups, -1)
-    best_err = torch.full((spec.groups,), float("inf"), device=g.device)
-    best = torch.ones(spec.groups, device=g.device)
+    rows = max(1, chunk // g.shape[1])
+    return torch.cat([_best_shrink(g[i:i + rows], spec, grid) for i in range(0, spec.groups, rows)])
+
+
+def _best_shrink(g: torch.Tensor, spec: ModuleQuant, grid: tuple[float, ...]) -> torch.Tensor:
+    """:func:`mse_shrink` of the groups ``g [groups, group size]``; the error is exactly that of
+    ``dequantize(quantize_codes(...))``, computed in place in one buffer."""
+    best_err = torch.full((len(g),), float("inf"))
+    best = torch.ones(len(g))
+    err = torch.empty_like(g)
     for factor in grid:
-        shrink = torch.full((spec.groups,), float(factor), device=g.device)
-        scale, zero = quant_params(g, spec.bits, spec.groups, spec.symmetric, shrink)
-        err = (dequantize(quantize_codes(g, scale, zero, spec.bits), scale, zero) - g).square().sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
+        shrink = torch.full((len(g),), float(factor))
+        scale, zero = (t[:, None] for t in quant_params(g, spec.bits, len(g), spec.symmetric, shrink))
+        torch.div(g, scale, out=err).round_().add_(zero).clamp_(0, 2**spec.bits - 1).sub_(zero).mul_(scale).sub_(g)
+        total = err.square_().sum(dim=1)
+        better = total < best_err
+        best_err = torch.where(better, total, best_err)
         best = torch.where(better, shrink, best)
     return best
 
@@ -118,16 +132,27 @@ def quantize(w: torch.Tensor, spec: ModuleQuant, shrink: torch.Tensor | None = N
     return QTensor(codes=codes.to(torch.uint8), scale=scale.float(), zero=zero.to(torch.uint8), bits=spec.bits)
 
 
-class _RoundSTE(torch.autograd.Function):
-    """Round in the forward pass, identity in the backward pass (straight-through)."""
+class _FakeQuantSTE(torch.autograd.Function):
+    """``(clamp(round(x / scale) + zero, 0, qmax) - zero) * scale`` with a straight-through gradient.
+
+    The backward pass passes the gradient where the code was not clamped and zeroes it where it
+    was; ``scale`` and ``zero`` get none. One fused node: autograd keeps a boolean mask instead of
+    the intermediate tensors of the op-by-op expression, and the forward values are the same bits.
+    (Profile of a MiniLM QAT step: the quantizers' share of CPU time fell from ~12% to 7%; the
+    step's wall time did not change measurably on 2 busy cores.)
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x)
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
+        q = torch.round(x / scale).add_(zero)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((q >= 0) & (q <= qmax))
+        return q.clamp_(0, qmax).sub_(zero).mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    def backward(ctx, grad: torch.Tensor):
+        (kept,) = ctx.saved_tensors
+        return grad * kept, None, None, None
 
 
 def fake_quantize(w: torch.Tensor, spec: ModuleQuant, shrink: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,9 +164,7 @@ def fake_quantize(w: torch.Tensor, spec: ModuleQuant, shrink: torch.Tensor | Non
     """
     scale, zero = quant_params(w, spec.bits, spec.groups, spec.symmetric, shrink)
     g = w.reshape(spec.groups, -1)
-    q = _RoundSTE.apply(g / scale[:, None]) + zero[:, None]
-    q = torch.clamp(q, 0, 2**spec.bits - 1)
-    return ((q - zero[:, None]) * scale[:, None]).reshape(w.shape).to(w.dtype)
+    return _FakeQuantSTE.apply(g, scale[:, None], zero[:, None], 2**spec.bits - 1).reshape(w.shape).to(w.dtype)
 
 
 def quantize_activation(x: torch.Tensor, scale: float, zero: int, bits: int = 8) -> torch.Tensor:
@@ -149,8 +172,7 @@ def quantize_activation(x: torch.Tensor, scale: float, zero: int, bits: int = 8)
 
     ``y = (clamp(round(x / scale) + zero, 0, 255) - zero) * scale``, straight-through gradient.
     """
-    q = torch.clamp(_RoundSTE.apply(x / scale) + zero, 0, 2**bits - 1)
-    return (q - zero) * scale
+    return _FakeQuantSTE.apply(x, scale, torch.as_tensor(zero, dtype=x.dtype), 2**bits - 1)
 
 
 def activation_params(lo: float, hi: float, bits: int = 8) -> tuple[float, int]:

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from qbert_edge.plan import ModuleQuant
-from qbert_edge.quant import SHRINK_GRID, activation_params, dequantize, fake_quantize, mse_shrink, quant_params, quantize
+from qbert_edge.quant import (SHRINK_GRID, activation_params, dequantize, fake_quantize, mse_shrink, quant_params, quantize,
+                              quantize_activation)
 
 
 def spec(bits, groups, rows=24, cols=10, symmetric=False):
@@ -80,6 +81,19 @@ def test_activation_params():
     assert activation_params(2.0, 5.0)[1] == 0  # range extended to contain 0
 
 
+def test_activation_fake_quantization_is_quantize_linear_with_a_clipped_straight_through_gradient():
+    x = torch.linspace(-3, 4, 701, requires_grad=True)
+    scale, zero = activation_params(-1.0, 3.0)
+    y = quantize_activation(x, torch.tensor(scale), zero)
+    xs = x.detach().numpy()
+    codes = np.clip(np.round(xs / np.float32(scale)) + zero, 0, 255)  # ONNX QuantizeLinear, uint8
+    assert np.array_equal(y.detach().numpy(), ((codes - zero) * np.float32(scale)).astype(np.float32))
+    y.sum().backward()
+    inside = (np.round(xs / np.float32(scale)) + zero >= 0) & (np.round(xs / np.float32(scale)) + zero <= 255)
+    assert 0 < inside.sum() < len(xs)
+    assert np.array_equal(x.grad.numpy(), inside.astype(np.float32))
+
+
 def _sq_err(w, s, shrink=None):
     return (quantize(w, s, shrink).dequantize() - w).square().reshape(s.groups, -1).sum(dim=1)
 
@@ -95,6 +109,16 @@ def test_mse_shrink_never_loses_to_min_max_and_wins_on_laplace_weights(bits, sym
     assert (_sq_err(w, s, shrink) <= _sq_err(w, s) * (1 + 1e-6)).all()
     if bits <= 3:
         assert _sq_err(w, s, shrink).sum() < 0.8 * _sq_err(w, s).sum()
+
+
+@pytest.mark.parametrize("chunk", [1, 64 * 5, 1 << 20])
+def test_mse_shrink_is_the_brute_force_argmin_whatever_the_chunk(chunk):
+    torch.manual_seed(0)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((24, 64))
+    s = spec(3, 12, cols=64)
+    errs = torch.stack([_sq_err(w, s, torch.full((12,), f)) for f in SHRINK_GRID])  # [factors, groups]
+    expected = torch.tensor(SHRINK_GRID)[errs.argmin(dim=0)]  # argmin takes the first of equal errors
+    assert torch.equal(mse_shrink(w, s, chunk=chunk), expected)
 
 
 def test_mse_shrink_keeps_the_full_range_where_clipping_cannot_help():
