@@ -70,12 +70,15 @@ from peer_models import (
     quantize_many,
     torch_module,
 )
+from qbert_edge.runtime.metrics import PairedDifference, paired_difference
 
 from qbert_edge.errors import QbertEdgeError
 from qbert_edge.plan import CLIPS
 
 FORMAT = "qbert-edge/benchmark-peers"
 VERSION = 2
+#: ``<workdir>/accuracy.json``: per file ``{"accuracy", "correct"}`` (v1: the accuracy alone)
+ACCURACY_CACHE_VERSION = 2
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 8)
 SEQ_LEN = 128
@@ -156,7 +159,7 @@ ALL_VARIANTS = tuple(PEERS + [Variant(k, v.label, "ours", "onnx", OUR_ENGINES) f
 #: (``distill``, with its weights), w8/w4/w3 DirectQ; MSE-clipped group ranges throughout.
 RECIPE = {
     "qat_steps": 80,
-    "steps_for": ("ours-mp24-e2=240", "ours-mp48-e4=240", "ours-w4-e4=240"),
+    "steps_for": ("ours-mp24-e2=240",),
     "distill": ("ours-mp24-e2",),
     "distill_alpha": 0.5,
     "distill_temperature": 2.0,
@@ -279,10 +282,10 @@ def dev_batches(tokenizer) -> list[dict]:
     return [{k: v.numpy() for k, v in b.items()} for b in torch_batches(load_data("rt:dev"), tokenizer, 32, SEQ_LEN)]
 
 
-def accuracy(variant: Variant, path: Path, batches: list[dict], threads: int) -> float:
-    """Accuracy of one variant on ``batches`` (ours on the ``ort`` backend, peers as themselves)."""
+def correctness(variant: Variant, path: Path, batches: list[dict], threads: int):
+    """Whether one variant classifies each sentence of ``batches`` right, in order (a bool array;
+    ours on the ``ort`` backend, peers as themselves)."""
     import numpy as np
-    from qbert_edge.runtime.metrics import accuracy as acc
 
     if variant.kind == "torch":
         import torch
@@ -308,18 +311,25 @@ def accuracy(variant: Variant, path: Path, batches: list[dict], threads: int) ->
         out = [o.name for o in sess.get_outputs()].index("logits")
         logits = [sess.run(None, {k: v for k, v in b.items() if k in names})[out] for b in batches]
     labels = np.concatenate([b["labels"] for b in batches])
-    return acc(labels, np.concatenate(logits).argmax(-1))
+    return np.concatenate(logits).argmax(-1) == labels
 
 
-def cached_accuracy(variant: Variant, path: Path, batches: list[dict], threads: int, cache: Path) -> float:
-    """:func:`accuracy`, remembered in ``cache`` per file (name, size and mtime) across runs."""
+def cached_accuracy(variant: Variant, path: Path, batches: list[dict], threads: int, cache: Path) -> dict:
+    """``{"accuracy": float, "correct": "0110..."}`` of one variant (:func:`correctness`, one
+    character per sentence), remembered in ``cache`` per file (name, size and mtime) across runs.
+    A cache of another format or version (v1 held the accuracy alone) is started afresh."""
     from qbert_edge.fileio import write_json
 
-    data = json.loads(cache.read_text()) if cache.is_file() else {"format": FORMAT + "-accuracy", "version": 1, "files": {}}
+    fresh = {"format": FORMAT + "-accuracy", "version": ACCURACY_CACHE_VERSION, "files": {}}
+    data = json.loads(cache.read_text()) if cache.is_file() else fresh
+    if (data.get("format"), data.get("version")) != (fresh["format"], fresh["version"]):
+        log.info("%s: not a v%d accuracy cache, starting afresh", cache, ACCURACY_CACHE_VERSION)
+        data = fresh
     stat = path.stat()
     stamp = f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"
     if stamp not in data["files"]:
-        data["files"][stamp] = accuracy(variant, path, batches, threads)
+        correct = correctness(variant, path, batches, threads)
+        data["files"][stamp] = {"accuracy": float(correct.mean()), "correct": "".join("1" if c else "0" for c in correct)}
         write_json(cache, data)
     return data["files"][stamp]
 
@@ -406,10 +416,12 @@ def spread(values: list[float]) -> dict:
             "max": round(max(values), 2), "n": len(values)}
 
 
-def measure_variants(model: str, variants, paths: dict[str, Path], args, acc: dict[str, float], rows: list[dict],
+def measure_variants(model: str, variants, paths: dict[str, Path], args, acc: dict[str, dict], rows: list[dict],
                      notes: dict[str, str] | None = None) -> None:
     """Append one row per (variant, engine) of ``model`` to ``rows`` (kept partial on a deadline).
 
+    ``acc`` holds the :func:`cached_accuracy` of a variant; every row of it gets the accuracy, the
+    row of the engine it was measured on (the first) also the per-sentence ``correct`` string.
     The rows the issue's targets need come first (:data:`PRIORITY`), ``ort-custom`` last."""
     pairs = [(v, e) for v in variants if v.key in paths for e in v.engines]
     pairs.sort(key=lambda p: (p[1] == "ort-custom", PRIORITY.index(p[0].key) if p[0].key in PRIORITY else len(PRIORITY)))
@@ -418,7 +430,10 @@ def measure_variants(model: str, variants, paths: dict[str, Path], args, acc: di
             log.warning("deadline reached: %s %s %s not measured", model, v.key, engine)
             continue
         row = {"model": model, "key": v.key, "label": v.label, "family": v.family, "engine": engine,
-               "accuracy": acc.get(v.key), "plan": (notes or {}).get(v.key), "figures": {}, "loadavg": []}
+               "accuracy": acc.get(v.key, {}).get("accuracy"), "plan": (notes or {}).get(v.key), "figures": {},
+               "loadavg": []}
+        if v.key in acc and engine == v.engines[0]:
+            row["correct"] = acc[v.key]["correct"]
         for batch in BATCHES:
             reps = []
             for _ in range(1 if engine == "ort-custom" else args.repeats):
@@ -440,9 +455,44 @@ def measure_variants(model: str, variants, paths: dict[str, Path], args, acc: di
 # --------------------------------------------------------------------------- report
 
 
+#: McNemar p-values at or above this: the two models' accuracies are within rt:dev's resolution
+ALPHA = 0.05
+
+
+def paired(a: dict, b: dict) -> PairedDifference | None:
+    """Row ``a``'s accuracy minus row ``b``'s, paired sentence by sentence on rt:dev
+    (:func:`~qbert_edge.runtime.metrics.paired_difference`); None if a row has no ``correct``
+    string (a ``peers.json`` written before they were kept)."""
+    if "correct" not in a or "correct" not in b:
+        return None
+    return paired_difference([c == "1" for c in a["correct"]], [c == "1" for c in b["correct"]])
+
+
+def paired_note(d: PairedDifference) -> str:
+    """``paired: 12 vs 10 discordant, McNemar p 0.83, 95% CI -1.1..+1.6 pt`` (first count: the
+    sentences only the first model gets right)."""
+    return (f"paired: {d.a_only} vs {d.b_only} discordant, McNemar p {d.p_value:.2g}, "
+            f"95% CI {d.low * 100:+.1f}..{d.high * 100:+.1f} pt")
+
+
+def resolution(what: str, p_values: dict[str, float]) -> list[str]:
+    """One line saying which of the comparisons ``what`` rt:dev can tell apart (McNemar p below
+    :data:`ALPHA`); no line without paired figures."""
+    if not p_values:
+        return []
+    same = [k for k, p in p_values.items() if p >= ALPHA]
+    apart = [k for k, p in p_values.items() if p < ALPHA]
+    return [f"- rt:dev resolution, {what}: " + "; ".join(
+        ([f"not distinguishable on rt:dev (McNemar p >= {ALPHA:g}): {', '.join(same)}"] if same else [])
+        + ([f"distinguishable (p < {ALPHA:g}): {', '.join(apart)}"] if apart else []))]
+
+
 def targets(rows: list[dict]) -> list[str]:
     """Issue 8's targets, checked on the MiniLM ``ort``/``plain-ort`` rows at batch 1: every 2/3 and
-    2/4 MP variant of ours against ORT int8 (accuracy, file, model share), then each ORT 4-bit row."""
+    2/4 MP variant of ours against ORT int8 (accuracy, file, model share), then each ORT 4-bit row
+    against the smaller ones of ours that dominate it (or the most accurate of them if none does).
+    Rows with per-sentence ``correct`` strings add the paired comparison (:func:`paired`) and a
+    line on whether rt:dev can tell the accuracies apart; the verdicts are on the accuracies alone."""
     def fig(r, k):
         return r["figures"]["b1"][k]["median"]
 
@@ -450,7 +500,7 @@ def targets(rows: list[dict]) -> list[str]:
     int8 = main_rows.get("ort-int8")
     if int8 is None or int8.get("accuracy") is None:
         return ["- not checked: no MiniLM ORT int8 row with accuracy in this run"]
-    out, met = [], []
+    out, met, p_int8 = [], [], {}
     for key in (k for k, spec in OURS.items() if spec.high_bits is not None and spec.bits == 2):  # 2/3 and 2/4 MP
         r = main_rows.get(key)
         if r is None or r.get("accuracy") is None:
@@ -460,17 +510,27 @@ def targets(rows: list[dict]) -> list[str]:
         ok = a >= 0 and f >= 3 and s >= 2
         met += [r["label"]] if ok else []
         misses = [what for what, bad in (("accuracy", a < 0), ("file", f < 3), ("DRAM", s < 2)) if bad]
-        out.append(f"- {r['label']} vs ORT int8: accuracy {a * 100:+.1f} pt, {f:.2f}x smaller file, "
-                   f"{s:.2f}x smaller model share -> {'MET' if ok else 'NOT met (' + ', '.join(misses) + ')'}"
-                   " (needs >= 0 pt, >= 3x, >= 2x)")
+        d = paired(r, int8)
+        if d:
+            p_int8[r["label"]] = d.p_value
+        out.append(f"- {r['label']} vs ORT int8: accuracy {a * 100:+.1f} pt{f' ({paired_note(d)})' if d else ''}, "
+                   f"{f:.2f}x smaller file, {s:.2f}x smaller model share -> "
+                   f"{'MET' if ok else 'NOT met (' + ', '.join(misses) + ')'} (needs >= 0 pt, >= 3x, >= 2x)")
     out.append(f"- size/DRAM/accuracy target: {'MET by ' + ', '.join(met) if met else 'NOT met by any MP variant of ours'}")
+    out += resolution("MP variants of ours vs ORT int8", p_int8)
     ours = [r for r in main_rows.values() if r["family"] == "ours" and r.get("accuracy") is not None]
+    p_4bit = {}
     for r in main_rows.values():
         if r["key"].startswith("ort-4b") and r.get("accuracy") is not None:
-            dom = [o["label"] for o in ours if fig(o, "file_mb") < fig(r, "file_mb") and o["accuracy"] >= r["accuracy"]]
-            out.append(f"- {r['label']} ({fig(r, 'file_mb'):.1f} MB, acc {r['accuracy']:.3f}): "
-                       + (f"dominated by {', '.join(dom)}" if dom else "NOT dominated by any of ours"))
-    return out
+            smaller = [o for o in ours if fig(o, "file_mb") < fig(r, "file_mb")]
+            dom = [o for o in smaller if o["accuracy"] >= r["accuracy"]]
+            shown = [(o, paired(o, r)) for o in dom or sorted(smaller, key=lambda o: o["accuracy"])[-1:]]
+            p_4bit.update({f"{o['label']} vs {r['label']}": d.p_value for o, d in shown if d})
+            named = [o["label"] + (f" ({d.difference * 100:+.1f} pt, {paired_note(d)})" if d else "") for o, d in shown]
+            verdict = (f"dominated by {', '.join(named)}" if dom else "NOT dominated by any of ours"
+                       + (f"; most accurate smaller one: {named[0]}" if shown and shown[0][1] else ""))
+            out.append(f"- {r['label']} ({fig(r, 'file_mb'):.1f} MB, acc {r['accuracy']:.3f}): {verdict}")
+    return out + resolution("ours vs ORT 4-bit", p_4bit)
 
 
 def slower_why(key: str, engine: str) -> str:
@@ -611,6 +671,9 @@ NOTES = [
     "  thread pools; 14-16 MB measured in docs/runtime.md) and the activations, so a 7 MB file cannot have a",
     "  7 MB share; our 2-bit layers also get 4-bit copies at accuracy_level 0 (above).",
     "- `reference` (onnx.reference) is for correctness only and is not timed here.",
+    "- Paired figures in the targets compare two models sentence by sentence on rt:dev: `12 vs 10 discordant` are",
+    "  the sentences only ours (first) or only the peer gets right, McNemar p the exact binomial test on them,",
+    "  the 95% CI Wald's on the paired difference. At p >= 0.05 rt:dev cannot tell the two accuracies apart.",
     "- PyTorch share includes the unpickled module; PyTorch int8 is `quantize_dynamic` on `nn.Linear` only",
     "  (embeddings stay fp32), while ORT's `quantize_dynamic` also quantizes the `Gather` (embedding) tables.",
     "- MiniLM's word embedding (30522 x 384) is about half of its weights: at 8 bits it alone is 11.7 MB, half",
@@ -703,9 +766,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--torch-child"]:
         print(json.dumps(torch_child(json.loads(argv[1]))), flush=True)
         return
-    cache = Path(os.environ.get("QBERT_EDGE_CACHE", Path.home() / ".cache" / "qbert-edge"))
+    from qbert_edge.reference import cache_root
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=cache / "bench-peers")
+    parser.add_argument("--workdir", type=Path, default=cache_root() / "bench-peers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="Also write the table here ('' : no).")
     parser.add_argument("--report-only", action="store_true", help="Redraw the table and plots from --out/peers.json.")
@@ -803,7 +867,7 @@ def main(argv: list[str] | None = None) -> None:
             for v in variants:
                 if v.key in paths:
                     acc[v.key] = cached_accuracy(v, paths[v.key], batches, args.threads, args.workdir / "accuracy.json")
-                    log.info("accuracy %s: %.4f", v.key, acc[v.key])
+                    log.info("accuracy %s: %.4f", v.key, acc[v.key]["accuracy"])
         t2 = time.time()
         measure_variants(model, variants, paths, args, acc, rows, notes[model])
         phases[model] = {"build_s": round(t1 - t0), "accuracy_s": round(t2 - t1), "measure_s": round(time.time() - t2)}

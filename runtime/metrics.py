@@ -6,11 +6,13 @@
 0.7333
 
 Macro-F1 averages the per-class F1 = 2·TP / (2·TP + FP + FN) over the classes that occur in
-the labels or the predictions (scikit-learn's default). This module does not run models.
+the labels or the predictions (scikit-learn's default). :func:`paired_difference` compares two
+models scored on the same examples. This module does not run models.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -89,3 +91,48 @@ def score_logits(labels: Sequence[int] | np.ndarray, logits: np.ndarray) -> Metr
     if logits.ndim != 2:
         raise ValueError(f"logits must be [examples, classes], got shape {logits.shape}")
     return score(labels, logits.argmax(axis=1))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Accuracy of model A minus that of model B on the same ``examples`` (fractions): the
+    discordant counts ``a_only`` (A right, B wrong) and ``b_only`` (A wrong, B right), the exact
+    two-sided McNemar ``p_value`` and the 95% interval ``low``..``high`` of the difference."""
+
+    difference: float
+    a_only: int
+    b_only: int
+    examples: int
+    p_value: float
+    low: float
+    high: float
+
+
+def paired_difference(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | np.ndarray) -> PairedDifference:
+    """Compare two models from their per-example correctness on the same examples, in order.
+
+    Only the discordant examples carry information: the difference is ``(a_only - b_only) / n``;
+    the p-value is the exact binomial (McNemar) test of ``a_only`` out of ``a_only + b_only`` at
+    one half, two-sided (1 when there are none); the interval is Wald's on the paired
+    differences, ``difference +- 1.96 * sqrt(a_only + b_only - (a_only - b_only)**2 / n) / n``
+    (a single point when there are no discordant examples).
+
+    >>> d = paired_difference([1, 1, 1, 1, 0, 1], [1, 0, 0, 0, 0, 1])
+    >>> d.difference, d.a_only, d.b_only, d.p_value
+    (0.5, 3, 0, 0.25)
+    >>> round(d.low, 3), round(d.high, 3)
+    (0.1, 0.9)
+    """
+    a = np.asarray(correct_a, dtype=bool).reshape(-1)
+    b = np.asarray(correct_b, dtype=bool).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"{a.size} examples for A but {b.size} for B")
+    if a.size == 0:
+        raise ValueError("no examples to compare")
+    n, a_only, b_only = int(a.size), int(np.sum(a & ~b)), int(np.sum(~a & b))
+    discordant = a_only + b_only
+    tail = sum(math.comb(discordant, k) for k in range(min(a_only, b_only) + 1))
+    p_value = min(1.0, 2 * tail / 2**discordant)
+    difference = (a_only - b_only) / n
+    half = 1.96 * math.sqrt(discordant - (a_only - b_only) ** 2 / n) / n
+    return PairedDifference(difference, a_only, b_only, n, p_value, difference - half, difference + half)

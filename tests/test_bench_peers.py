@@ -25,6 +25,12 @@ def _row(peers, key, family, acc, file_mb, share_mb, engine="ort", p50=1.0):
             "figures": {"b1": fig, "b8": fig}, "loadavg": [0.5]}
 
 
+def _with_correct(rows: list[dict], n: int = 100) -> list[dict]:
+    """``rows`` with ``correct`` strings of ``n`` sentences, the first ``accuracy * n`` right: two
+    rows differ only on the sentences between their counts (all discordant one way)."""
+    return [{**r, "correct": "1" * round(r["accuracy"] * n) + "0" * (n - round(r["accuracy"] * n))} for r in rows]
+
+
 def _shapes(layers: int, hidden: int = 32, vocab: int = 100) -> dict:
     from qbert_edge.plan import EMBEDDINGS, LAYER_LINEARS
 
@@ -116,10 +122,69 @@ def test_targets_met_and_not_met(peers):
     assert "NOT met (accuracy, file)" in lines[3]
     assert lines[4] == "- size/DRAM/accuracy target: MET by ours-mp23"
     assert "dominated by ours-mp23" in lines[5]
+    assert len(lines) == 6 and not any("paired" in line or "resolution" in line for line in lines)
     rows[2]["accuracy"] = 0.70
     lines = peers.targets(rows)
     assert lines[4] == "- size/DRAM/accuracy target: NOT met by any MP variant of ours"
-    assert "NOT dominated" in lines[5]
+    assert lines[5] == "- ort-4b32 (20.0 MB, acc 0.790): NOT dominated by any of ours"
+
+
+def test_targets_add_the_paired_comparison(peers):
+    rows = _with_correct([
+        _row(peers, "ort-int8", "peer", 0.80, 30.0, 40.0, "plain-ort"),
+        _row(peers, "ort-4b32", "peer", 0.79, 20.0, 30.0, "plain-ort"),
+        _row(peers, "ours-mp23", "ours", 0.81, 9.0, 19.0),  # 1 vs 0 discordant: p = 2 / 2**1
+        _row(peers, "ours-mp24", "ours", 0.70, 9.0, 19.0),  # 0 vs 10: p = 2 / 2**10
+    ])
+    lines = peers.targets(rows)
+    # Wald: -0.10 +- 1.96 * sqrt(10 - 10**2 / 100) / 100 = -0.10 +- 0.0588
+    assert lines[1] == ("- ours-mp24 vs ORT int8: accuracy -10.0 pt (paired: 0 vs 10 discordant, McNemar p 0.002, "
+                        "95% CI -15.9..-4.1 pt), 3.33x smaller file, 2.11x smaller model share -> NOT met (accuracy) "
+                        "(needs >= 0 pt, >= 3x, >= 2x)")
+    assert lines[0].startswith("- ours-mp23 vs ORT int8: accuracy +1.0 pt (paired: 1 vs 0 discordant, McNemar p 1, "
+                               "95% CI -1.0..+3.0 pt), ") and lines[0].endswith("-> MET (needs >= 0 pt, >= 3x, >= 2x)")
+    assert lines[4] == "- size/DRAM/accuracy target: MET by ours-mp23"
+    assert lines[5] == ("- rt:dev resolution, MP variants of ours vs ORT int8: not distinguishable on rt:dev "
+                        "(McNemar p >= 0.05): ours-mp23; distinguishable (p < 0.05): ours-mp24")
+    assert lines[6].startswith("- ort-4b32 (20.0 MB, acc 0.790): dominated by ours-mp23 (+2.0 pt, paired: 2 vs 0 "
+                               "discordant, McNemar p 0.5, 95% CI ")
+    assert lines[7] == ("- rt:dev resolution, ours vs ORT 4-bit: not distinguishable on rt:dev (McNemar p >= 0.05): "
+                        "ours-mp23 vs ort-4b32")
+    rows[2] = {**rows[2], "accuracy": 0.75, "correct": "1" * 75 + "0" * 25}
+    lines = peers.targets(rows)
+    assert lines[6].startswith("- ort-4b32 (20.0 MB, acc 0.790): NOT dominated by any of ours; most accurate smaller "
+                               "one: ours-mp23 (-4.0 pt, paired: 0 vs 4 discordant, McNemar p 0.12, 95% CI ")
+
+
+def test_accuracy_cache_keeps_the_sentences_and_rebuilds_a_v1_cache(peers, tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+
+    model, cache = tmp_path / "m.onnx", tmp_path / "accuracy.json"
+    model.write_bytes(b"x")
+    stamp = f"m.onnx:1:{int(model.stat().st_mtime)}"
+    cache.write_text(json.dumps({"format": peers.FORMAT + "-accuracy", "version": 1, "files": {stamp: 0.5}}))
+    monkeypatch.setattr(peers, "correctness", lambda *a: np.array([True, False, True, True]))
+    variant = peers.ALL_VARIANTS[0]
+    assert peers.cached_accuracy(variant, model, [], 1, cache) == {"accuracy": 0.75, "correct": "1011"}
+    data = json.loads(cache.read_text())
+    assert data["version"] == 2 and data["files"] == {stamp: {"accuracy": 0.75, "correct": "1011"}}
+    monkeypatch.setattr(peers, "correctness", lambda *a: pytest.fail("cached: not run again"))
+    assert peers.cached_accuracy(variant, model, [], 1, cache)["correct"] == "1011"
+
+
+def test_only_the_row_of_the_engine_that_scored_keeps_the_sentences(peers, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(peers, "wait_for_idle", lambda *a: 0.5)
+    monkeypatch.setattr(peers, "measure_one", lambda *a: {"latency_p50": 1.0, "file_mb": 1.0, "peak_mb": 1.0, "share_mb": 1.0})
+    variant = next(v for v in peers.ALL_VARIANTS if v.key == "ours-mp23")
+    args = SimpleNamespace(deadline=None, repeats=1, idle_cpu=1.0, max_wait=0)
+    rows = []
+    peers.measure_variants("minilm", [variant], {"ours-mp23": None}, args,
+                           {"ours-mp23": {"accuracy": 0.5, "correct": "10"}}, rows)
+    assert [(r["engine"], r["accuracy"], r.get("correct")) for r in rows] == [("ort", 0.5, "10"), ("ort-custom", 0.5, None)]
 
 
 def test_targets_without_int8(peers):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import doctest
+import math
+
 import numpy as np
 import pytest
+from qbert_edge.runtime import metrics
 from qbert_edge.runtime.metrics import (
     Metrics,
     accuracy,
     macro_f1,
+    paired_difference,
     per_class_f1,
     score,
     score_logits,
@@ -52,3 +57,44 @@ def test_bad_inputs():
         score_logits([0], np.zeros(2))
     with pytest.raises(ValueError, match="accuracy must be in"):
         Metrics(1.5, 0.5, 3)
+
+
+def _pairs(both: int, a_only: int, b_only: int, neither: int) -> tuple[list[bool], list[bool]]:
+    """Correctness vectors of A and B with these counts of (right, right), (right, wrong), ..."""
+    a = [True] * both + [True] * a_only + [False] * b_only + [False] * neither
+    b = [True] * both + [False] * a_only + [True] * b_only + [False] * neither
+    return a, b
+
+
+def test_paired_difference_by_hand():
+    # 854 sentences, A alone right on 12, B alone on 10: p = 2 * P(X <= 10), X ~ Bin(22, 1/2) = 1 - C(22, 11) / 2**22
+    d = paired_difference(*_pairs(690, 12, 10, 142))
+    assert (d.a_only, d.b_only, d.examples) == (12, 10, 854)
+    assert d.difference == pytest.approx(2 / 854)
+    assert d.p_value == pytest.approx(1 - math.comb(22, 11) / 2**22) and d.p_value == pytest.approx(0.8318, abs=1e-4)
+    half = 1.96 * math.sqrt(22 - 2**2 / 854) / 854
+    assert (d.low, d.high) == (pytest.approx(2 / 854 - half), pytest.approx(2 / 854 + half))
+
+
+def test_paired_difference_is_antisymmetric():
+    a, b = _pairs(5, 1, 10, 4)  # p = 2 * (1 + 11) / 2**11
+    ab, ba = paired_difference(a, b), paired_difference(b, a)
+    assert ab.p_value == ba.p_value == pytest.approx(24 / 2048)
+    assert (ab.difference, ab.low, ab.high) == pytest.approx((-ba.difference, -ba.high, -ba.low))
+    assert ab.difference == pytest.approx(-9 / 20) and ab.high < 0
+
+
+def test_paired_difference_without_discordant_examples():
+    d = paired_difference(np.array([1, 0, 1]), np.array([1, 0, 1]))
+    assert (d.difference, d.a_only, d.b_only, d.p_value, d.low, d.high) == (0.0, 0, 0, 1.0, 0.0, 0.0)
+
+
+def test_paired_difference_bad_inputs():
+    with pytest.raises(ValueError, match="3 examples for A but 2 for B"):
+        paired_difference([1, 0, 1], [1, 0])
+    with pytest.raises(ValueError, match="no examples"):
+        paired_difference([], [])
+
+
+def test_doctests():
+    assert doctest.testmod(metrics).failed == 0
