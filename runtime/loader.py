@@ -314,8 +314,11 @@ class Spill:
     are never in this process's memory together. :meth:`close` (after the session is created)
     unlinks the file; mappings still open keep reading it.
 
-    The file is made on the first :meth:`put` of at least :attr:`min_bytes`, with a hidden name,
-    in the model's folder (onnxruntime reads external data only from there). Where it cannot be
+    The file is made on the first :meth:`put` of at least :attr:`min_bytes`, with a hidden name
+    that carries this process's id (``.qbert-edge-<pid>-*.spill``), in the model's folder
+    (onnxruntime reads external data only from there). A process killed before :meth:`close`
+    leaves its file behind; the next spill in that folder removes the files of processes that no
+    longer run (:func:`remove_stale_spills`). Where it cannot be
     made (a read-only folder, a full disk, Windows) or would live in RAM (:data:`RAM_FILESYSTEMS`),
     ``put`` returns the array itself: the same result, held in memory as before.
     """
@@ -339,7 +342,9 @@ class Spill:
             return arr
         try:
             if self._fd is None:
-                self._fd, name = tempfile.mkstemp(prefix=".qbert-edge-", suffix=".spill", dir=self.graph.path.parent)
+                remove_stale_spills(self.graph.path.parent)
+                self._fd, name = tempfile.mkstemp(prefix=f".qbert-edge-{os.getpid()}-", suffix=".spill",
+                                                  dir=self.graph.path.parent)
                 self.path = Path(name)
             offset = -(-self._end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
             data = memoryview(arr.reshape(-1).view(np.uint8))
@@ -375,6 +380,36 @@ class Spill:
         os.close(self._fd)
         self._fd = None
         self.graph._maps[:] = [entry for entry in self.graph._maps if entry[0] != self.path]
+
+
+def remove_stale_spills(folder: Path) -> list[Path]:
+    """Remove the :class:`Spill` files in ``folder`` whose process no longer runs; the removed paths.
+
+    A file whose name carries no process id, or that of a running process (of any user), is kept.
+    """
+    removed = []
+    for path in Path(folder).glob(".qbert-edge-*-*.spill"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.warning("cannot remove the stale temporary file %s (%s)", path, exc.strerror or exc)
+            continue
+        log.info("removed %s, left by process %s, which no longer runs", path, pid)
+        removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _ram_filesystem(folder: Path) -> str:

@@ -11,6 +11,7 @@ contract (views, offsets, unlink, fallback) and the chunked widening's exactness
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -128,6 +129,24 @@ def test_spill_views_offsets_and_unlink(tmp_path):
     assert not spill.path.exists()
     np.testing.assert_array_equal(va, a)  # still readable: the mapping outlives the name
     assert graph.file_location(va) is None  # and no longer declared as a file location
+
+
+def test_a_spill_removes_the_files_of_processes_that_no_longer_run(tmp_path):
+    path = tmp_path / "chain.onnx"
+    onnx.save(chain(layers=1, d=256), str(path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".qbert-edge-{int(dead.stdout)}-abc.spill"
+    alive = tmp_path / f".qbert-edge-{os.getppid()}-def.spill"  # our parent: running
+    other = tmp_path / ".qbert-edge-xyz.spill"  # no process id: not ours to judge
+    for f in (stale, alive, other):
+        f.write_bytes(b"x" * 10)
+    spill = Spill(load_graph(path), min_bytes=1024)
+    spill.put(np.zeros(4096, dtype=np.float32))
+    if spill._failed:
+        pytest.skip(f"no spill here: {spill._failed}")
+    assert not stale.exists() and alive.exists() and other.exists()
+    assert spill.path.name.startswith(f".qbert-edge-{os.getpid()}-")
+    spill.close()
 
 
 def test_spill_falls_back_to_memory_when_the_file_cannot_be_made(tmp_path, monkeypatch):
