@@ -16,7 +16,7 @@ reference     ``onnx.reference.ReferenceEvaluator`` with the NumPy op classes of
 not copied into onnxruntime: each is declared as external data at its offset in the model file,
 which onnxruntime maps itself (see :class:`OrtBackend`); arrays the ``ort`` backend makes while
 loading (widened codes) are written one at a time to a temporary file beside the model
-(:class:`~qbert_edge.runtime.loader.Spill`) and declared the same way, so they are never all in
+(:class:`~qbert_edge.runtime.spill.Spill`) and declared the same way, so they are never all in
 memory at once. The onnxruntime settings that
 change memory are in :class:`RuntimeOptions`; docs/runtime.md has the measurements behind the
 defaults. This module does not tokenize and does not read metadata (see ``session``).
@@ -96,7 +96,7 @@ class RuntimeOptions:
     all of them are alive while onnxruntime prepacks; the load-time peak is higher by about
     their size). Skipped, with the same result, where the folder is read-only or in RAM.
     ``random_tables``: after the session is created, tell the kernel the gathered tables
-    (embeddings) are read at random (:func:`~qbert_edge.runtime.loader.advise_random`: no
+    (embeddings) are read at random (:func:`~qbert_edge.runtime.pages.advise_random`: no
     fault-around, no read-ahead; Linux only), so a run maps the pages of the rows it reads and
     not 64 KiB around each.
     ``int8_matmul`` (opt-in, the "fast" option; ``ort`` only): matmuls whose activations the plan
@@ -215,7 +215,7 @@ def check_ops(model, name: str = "model.onnx") -> bool:
 def gathered_tables(model) -> set[str]:
     """Names of the tensors ``model`` reads by token id (embedding tables, their scales and zero points).
 
-    A run reads a few rows of each, anywhere: the ranges :func:`loader.advise_random` is for.
+    A run reads a few rows of each, anywhere: the ranges :func:`pages.advise_random` is for.
     """
     out: set[str] = set()
     for node in model.graph.node:
@@ -294,7 +294,7 @@ class OrtBackend(Backend):
     """An onnxruntime session over ``model``; ``weights`` reach it without a copy where possible.
 
     A weight that is a view of the mapped model file (or its external data file, or the
-    :class:`~qbert_edge.runtime.loader.Spill` file of arrays made while loading) is declared as
+    :class:`~qbert_edge.runtime.spill.Spill` file of arrays made while loading) is declared as
     external data at its offset in that file: onnxruntime reads the bytes itself, and frees its
     buffer of a weight once a kernel has prepacked it. Any other array goes through
     ``add_external_initializers``, which hands onnxruntime our buffer: it stays alive, next to
@@ -312,7 +312,8 @@ class OrtBackend(Backend):
                  custom_ops: bool = False, spill=None, tables: list | None = None) -> None:
         import onnxruntime as ort
 
-        from qbert_edge.runtime.loader import advise_random, placeholder
+        from qbert_edge.runtime.loader import placeholder
+        from qbert_edge.runtime.pages import advise_random
 
         name = str(graph.path)
         if tables is None:
@@ -441,7 +442,7 @@ def create(backend: str, graph, options: RuntimeOptions | None = None) -> Backen
             log.info("%s has no %s ops; ort-custom runs it as plain onnxruntime", name, OP_DOMAIN)
         return OrtCustomBackend(model, weights, options, graph)
     if backend == "ort":
-        from qbert_edge.runtime.loader import Spill
+        from qbert_edge.runtime.spill import Spill
 
         spill = Spill(graph) if options.spill else None
         try:

@@ -18,7 +18,8 @@ splits the file into
 
 Mapped pages are read on demand and are clean, file-backed memory: they count in RSS once per
 mapping that touches them, and the kernel can drop them under pressure. Arrays a backend makes
-while loading (the ``ort`` backend's widened codes) can go the same way: :class:`Spill` writes each
+while loading (the ``ort`` backend's widened codes) can go the same way:
+:class:`~qbert_edge.runtime.spill.Spill` writes each
 to a temporary file beside the model as it is made and hands back a mapped view, so onnxruntime
 reads them as external data too, and frees each once its kernel has prepacked it. Views of misaligned
 multi-byte data (fp32 scales, biases, LayerNorm weights) are copied to aligned arrays; packed
@@ -32,8 +33,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +73,14 @@ class LoadedGraph:
     _maps: list = field(default_factory=list, repr=False)  # (file, mmap, offset of the map in the file)
     #: name -> (onnx data type, dims) of weights whose view is not their declared type (4-bit types)
     declared: dict = field(default_factory=dict)
+
+    def add_map(self, file: Path, m: mmap.mmap, offset: int) -> None:
+        """Declare ``m`` (mapping ``file`` from ``offset``): :meth:`file_location` finds views of it."""
+        self._maps.append((Path(file), m, offset))
+
+    def forget_maps(self, file: Path) -> None:
+        """Stop declaring the maps of ``file`` (views of them stay readable)."""
+        self._maps[:] = [entry for entry in self._maps if entry[0] != Path(file)]
 
     def file_location(self, arr: np.ndarray) -> tuple[Path, int] | None:
         """``(file, byte offset)`` of ``arr``'s bytes if it is a contiguous view of a mapped file."""
@@ -211,226 +218,6 @@ def load_graph(path: str | os.PathLike) -> LoadedGraph:
         if tensor.data_type in SUB_BYTE:
             declared[tensor.name] = (int(tensor.data_type), tuple(int(d) for d in tensor.dims))
     return LoadedGraph(path, model, weights, total, maps + [(p, m, 0) for p, m in external.items()], declared)
-
-
-def advise_random(ranges) -> int:
-    """Tell Linux that the file bytes in ``ranges`` are read at random; returns the bytes advised.
-
-    ``ranges``: ``(file, offset, length)`` of tables read a few rows per run anywhere (embedding
-    tables under a gather). On a read fault in a file-backed mapping the kernel also maps every
-    neighbouring page that is in the page cache (*fault-around*, 64 KiB by default) and, on a
-    miss, reads ahead around the page: a gather of 128 token rows from a 23 MB table maps ~7 MB
-    instead of ~0.5 MB. ``MADV_RANDOM`` stops the read-ahead but not the fault-around, which only
-    maps pages already cached; so each range is also dropped from the page cache
-    (``POSIX_FADV_DONTNEED``: clean pages no process maps; the next read of a row reads its page
-    alone). The kernel drops a cached folio (up to a huge page, 2 MiB) only when it lies whole in
-    the range, so the range is widened to whole huge pages: the neighbours' cached bytes go too,
-    which costs at most a re-read from the file (dirty pages, of a file written seconds ago, stay). Every mapping of this process of each file (matched by device and inode in
-    ``/proc/self/maps``, or by path) that overlaps a range gets ``madvise(MADV_RANDOM)`` on the overlap.
-    Costs: the first read of each page is a small read from the file (4 KiB) instead of one
-    read-ahead. Linux only: elsewhere (no ``/proc/self/maps``, no ``madvise``) a no-op; it never
-    raises (an advice is a hint).
-    """
-    import ctypes
-    import ctypes.util
-
-    advice = getattr(mmap, "MADV_RANDOM", None)
-    if not ranges or advice is None or not sys.platform.startswith("linux") or not hasattr(os, "posix_fadvise"):
-        return 0
-    try:
-        wanted: dict[tuple[int, int, int], list[tuple[Path, int, int]]] = {}
-        by_path: dict[str, list[tuple[Path, int, int]]] = {}
-        for file, offset, length in ranges:
-            st = os.stat(file)
-            key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-            item = (Path(file), int(offset), int(length))
-            wanted.setdefault(key, []).append(item)
-            by_path.setdefault(str(Path(file).resolve()), []).append(item)
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/maps") as fh:
-            maps = fh.read().splitlines()
-    except (OSError, AttributeError, ValueError) as exc:
-        log.debug("no random-access advice (%s)", exc)
-        return 0
-    page = mmap.PAGESIZE
-    advised: set[tuple[Path, int, int]] = set()
-    total = 0
-    for line in maps:
-        fields = line.split(maxsplit=5)
-        if len(fields) < 5:
-            continue
-        try:
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            major, minor = (int(x, 16) for x in fields[3].split(":"))
-            key, vma_offset = (major, minor, int(fields[4])), int(fields[2], 16)
-        except ValueError:
-            continue
-        # by device and inode; by path where they differ from stat's (overlayfs, btrfs subvolumes)
-        for item in wanted.get(key) or (by_path.get(fields[5].strip(), ()) if len(fields) > 5 else ()):
-            _, offset, length = item
-            start = max(lo, lo + offset - vma_offset) // page * page
-            stop = min(hi, -(-(lo + offset + length - vma_offset) // page) * page)
-            if stop > start and libc.madvise(start, stop - start, advice) == 0:
-                advised.add(item)
-                total += stop - start
-    grain = _huge_page_bytes()
-    for file, offset, length in advised:
-        start, stop = offset // grain * grain, -(-(offset + length) // grain) * grain
-        try:
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.debug("%s: cannot drop cached pages (%s)", file, exc)
-    return total
-
-
-def _huge_page_bytes() -> int:
-    """The largest page-cache folio: the PMD huge page size (2 MiB on x86-64 and 4K-page ARM64)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as fh:
-            return max(mmap.PAGESIZE, int(fh.read().strip()))
-    except (OSError, ValueError):
-        return 2 << 20
-
-
-#: Filesystems whose files live in RAM: a spill there would only move bytes out of the process's
-#: RSS into shared memory, not out of DRAM, so :meth:`Spill.beside` declines them.
-RAM_FILESYSTEMS = ("tmpfs", "ramfs", "devtmpfs", "hugetlbfs")
-
-
-class Spill:
-    """A temporary file beside the model for arrays made while loading (widened codes).
-
-    :meth:`put` writes an array at a page-aligned offset and returns a read-only view of the
-    file's bytes there, registered in the graph's maps so :meth:`LoadedGraph.file_location` finds
-    it: a backend then declares it to onnxruntime as external data like any weight of the model
-    file. The bytes leave the process at once (only the page cache holds them, reclaimable once
-    written back; this process never touches the view's pages), and onnxruntime frees its own
-    buffer of each initializer once its kernel has prepacked it, so the arrays of the whole model
-    are never in this process's memory together. :meth:`close` (after the session is created)
-    unlinks the file; mappings still open keep reading it.
-
-    The file is made on the first :meth:`put` of at least :attr:`min_bytes`, with a hidden name
-    that carries this process's id (``.qbert-edge-<pid>-*.spill``), in the model's folder
-    (onnxruntime reads external data only from there). A process killed before :meth:`close`
-    leaves its file behind; the next spill in that folder removes the files of processes that no
-    longer run (:func:`remove_stale_spills`). Where it cannot be
-    made (a read-only folder, a full disk, Windows) or would live in RAM (:data:`RAM_FILESYSTEMS`),
-    ``put`` returns the array itself: the same result, held in memory as before.
-    """
-
-    def __init__(self, graph: LoadedGraph, min_bytes: int = 64 * 1024) -> None:
-        self.graph = graph
-        self.min_bytes = min_bytes
-        self.path: Path | None = None
-        self.bytes = 0  # array bytes written
-        self._fd: int | None = None
-        self._end = 0
-        self._failed = "Windows (a mapped file cannot be unlinked)" if os.name == "nt" else ""
-        self._failed = self._failed or _ram_filesystem(graph.path.parent)
-        if self._failed:
-            log.info("%s: no spill (%s): arrays made while loading stay in memory", graph.path.parent, self._failed)
-
-    def put(self, arr: np.ndarray) -> np.ndarray:
-        """``arr``'s bytes moved to the file: a read-only view with its dtype and shape (or ``arr``)."""
-        arr = np.ascontiguousarray(arr)
-        if arr.nbytes < self.min_bytes or self._failed:
-            return arr
-        try:
-            if self._fd is None:
-                remove_stale_spills(self.graph.path.parent)
-                self._fd, name = tempfile.mkstemp(prefix=f".qbert-edge-{os.getpid()}-", suffix=".spill",
-                                                  dir=self.graph.path.parent)
-                self.path = Path(name)
-            offset = -(-self._end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
-            data = memoryview(arr.reshape(-1).view(np.uint8))
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self._fd, data[done:], offset + done)
-            m = mmap.mmap(self._fd, arr.nbytes, offset=offset, access=mmap.ACCESS_READ)
-        except OSError as exc:
-            log.info("cannot write arrays made while loading beside %s (%s): they stay in memory",
-                     self.graph.path, exc.strerror or exc)
-            self._failed = str(exc)
-            return arr
-        self._end = offset + arr.nbytes
-        self.bytes += arr.nbytes
-        self.graph._maps.append((self.path, m, offset))
-        view = np.frombuffer(m, arr.dtype, count=arr.size).reshape(arr.shape)
-        view.flags.writeable = False
-        return view
-
-    def owns(self, file: Path) -> bool:
-        return self.path is not None and Path(file) == self.path
-
-    def close(self) -> None:
-        """Unlink the file and forget its maps (views still alive keep their mapping)."""
-        if self._fd is None:
-            return
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove the temporary file %s (%s)", self.path, exc.strerror or exc)
-        os.close(self._fd)
-        self._fd = None
-        self.graph._maps[:] = [entry for entry in self.graph._maps if entry[0] != self.path]
-
-
-def remove_stale_spills(folder: Path) -> list[Path]:
-    """Remove the :class:`Spill` files in ``folder`` whose process no longer runs; the removed paths.
-
-    A file whose name carries no process id, or that of a running process (of any user), is kept.
-    """
-    removed = []
-    for path in Path(folder).glob(".qbert-edge-*-*.spill"):
-        pid = path.name.split("-")[2]
-        if not pid.isdigit() or _running(int(pid)):
-            continue
-        try:
-            path.unlink()
-        except OSError as exc:
-            log.warning("cannot remove the stale temporary file %s (%s)", path, exc.strerror or exc)
-            continue
-        log.info("removed %s, left by process %s, which no longer runs", path, pid)
-        removed.append(path)
-    return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _ram_filesystem(folder: Path) -> str:
-    """The filesystem type of ``folder`` if it keeps files in RAM (Linux ``/proc/self/mountinfo``), else ''."""
-    try:
-        target = str(Path(folder).resolve())
-        with open("/proc/self/mountinfo") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return ""
-    best, kind = "", ""
-    for line in lines:
-        fields = line.split()
-        if " - " not in line or len(fields) < 5:
-            continue
-        point = fields[4].replace("\\040", " ")
-        fstype = line.split(" - ", 1)[1].split()[0]
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, kind = point, fstype
-    return kind if kind in RAM_FILESYSTEMS else ""
 
 
 @dataclass(frozen=True)

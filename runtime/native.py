@@ -44,7 +44,7 @@ becomes ``com.microsoft::GatherBlockQuantized``, with the same numbers:
 :func:`native_rewrite` works on a model plus a separate ``name -> array`` dict of weights (what the
 runtime's memory-mapped loader holds); :func:`to_native` is the same on a self-contained model.
 It makes one matrix at a time and can hand each widened matmul weight to a ``store`` (the
-runtime's :class:`~qbert_edge.runtime.loader.Spill` writes it to a temporary file and keeps only
+runtime's :class:`~qbert_edge.runtime.spill.Spill` writes it to a temporary file and keeps only
 a mapped view), so the widened codes of the whole model never sit in memory together.
 Shapes that cannot be expressed (K or the embedding width not a multiple of 16) raise
 :class:`~qbert_edge.errors.QbertEdgeError`, or with ``strict=False`` keep the custom op.

@@ -3,7 +3,7 @@
 The ``ort`` backend widens 3-bit codes to 4 bits for onnxruntime. Handed over from memory, every
 widened array stays alive while onnxruntime prepacks its own copy of each: the peak RSS while
 loading is above the settled RSS by about the widened bytes. With the spill
-(:class:`qbert_edge.runtime.loader.Spill`, the default) each array goes to a temporary file as it
+(:class:`qbert_edge.runtime.spill.Spill`, the default) each array goes to a temporary file as it
 is made, and onnxruntime frees its buffer of each after prepacking it. Also: the spill's own
 contract (views, offsets, unlink, fallback) and the chunked widening's exactness.
 """
@@ -22,7 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qbert_edge.runtime import backends
 from qbert_edge.runtime.backends import RuntimeOptions
-from qbert_edge.runtime.loader import Spill, _ram_filesystem, load_graph
+from qbert_edge.runtime.loader import load_graph
+from qbert_edge.runtime.pages import ram_filesystem
+from qbert_edge.runtime.spill import Spill
 from qbert_edge.runtime.native import widen_codes
 from qbert_edge.runtime.packing import pack, unpack
 
@@ -88,8 +90,8 @@ def test_loading_does_not_hold_a_second_copy_of_the_widened_codes(tmp_path):
     widened arrays, 16.8 MB, alive next to onnxruntime's prepacked copy). The run without the spill
     is the control: it shows the measurement sees a whole copy when there is one.
     """
-    if _ram_filesystem(tmp_path):
-        pytest.skip(f"{tmp_path} is in RAM ({_ram_filesystem(tmp_path)}): the spill is off there by design")
+    if ram_filesystem(tmp_path):
+        pytest.skip(f"{tmp_path} is in RAM ({ram_filesystem(tmp_path)}): the spill is off there by design")
     path = tmp_path / "chain.onnx"
     onnx.save(chain(), str(path))
     widened = LAYERS * D * D // 2
@@ -172,8 +174,8 @@ def test_ram_filesystem_detection(tmp_path):
     import os
 
     if os.path.isdir("/dev/shm") and sys.platform.startswith("linux"):
-        assert _ram_filesystem("/dev/shm") in ("tmpfs", "ramfs")
-    assert _ram_filesystem("/proc") == ""  # proc is not a RAM filesystem for files we could write
+        assert ram_filesystem("/dev/shm") in ("tmpfs", "ramfs")
+    assert ram_filesystem("/proc") == ""  # proc is not a RAM filesystem for files we could write
 
 
 def test_spill_gives_the_same_outputs_and_leaves_no_file(tmp_path):
@@ -184,7 +186,7 @@ def test_spill_gives_the_same_outputs_and_leaves_no_file(tmp_path):
     for spill in (True, False):
         backend = backends.create("ort", load_graph(path), RuntimeOptions(threads=1, spill=spill))
         outs[spill] = backend.run({"x": x})["y"]
-        assert (backend.spilled_bytes > 0) == (spill and not _ram_filesystem(tmp_path))
+        assert (backend.spilled_bytes > 0) == (spill and not ram_filesystem(tmp_path))
     np.testing.assert_array_equal(outs[True], outs[False])
     assert not list(tmp_path.glob(".qbert-edge-*"))
 

@@ -2,7 +2,7 @@
 
 On a read fault in a file mapping Linux also maps the cached neighbours of the page (fault-around,
 64 KiB): a gather of 128 token rows from BERT-base's 23 MB word-embedding table mapped ~7 MB.
-:func:`qbert_edge.runtime.loader.advise_random` sets ``MADV_RANDOM`` on the table's mappings (seen
+:func:`qbert_edge.runtime.pages.advise_random` sets ``MADV_RANDOM`` on the table's mappings (seen
 as ``rr`` in ``/proc/self/smaps`` ``VmFlags``) and drops the table from the page cache, so a fault
 maps one page. Tested on a plain mapped file (no onnxruntime: the mechanism, with a control) and
 on the ``ort``/``ort-custom`` backends (the table's ranges are the ones advised; the pages a run
@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qbert_edge.runtime import backends, loader
+from qbert_edge.runtime import backends, pages
 from qbert_edge.runtime.backends import RuntimeOptions
-from qbert_edge.runtime.loader import _ram_filesystem, advise_random, load_graph
+from qbert_edge.runtime.loader import load_graph
+from qbert_edge.runtime.pages import advise_random, ram_filesystem
 
 PAGE = mmap.PAGESIZE
 ROWS, COLS, GROUPS = 16384, 64, 256  # an 8-bit table of 1 MiB: rows of 64 bytes, 64 rows per page
@@ -31,7 +32,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fa
 
 
 def _skip_on_ram_fs(folder) -> None:
-    if _ram_filesystem(folder):  # tmpfs pages cannot leave the page cache: fault-around still maps them
+    if ram_filesystem(folder):  # tmpfs pages cannot leave the page cache: fault-around still maps them
         pytest.skip(f"{folder} is on a RAM filesystem")
 
 
@@ -111,7 +112,7 @@ def test_advise_random_is_a_no_op_where_it_cannot_act(tmp_path, monkeypatch):
     assert advise_random([]) == 0
     assert advise_random([(tmp_path / "missing.bin", 0, PAGE)]) == 0  # never raises
     assert advise_random([(path, 0, PAGE)]) == 0  # not mapped by this process: nothing to advise
-    monkeypatch.setattr(loader.sys, "platform", "darwin")
+    monkeypatch.setattr(pages.sys, "platform", "darwin")
     assert advise_random([(path, 0, PAGE)]) == 0
 
 
@@ -144,7 +145,7 @@ def test_backend_advises_exactly_the_gathered_table(tmp_path, monkeypatch, backe
     path = tmp_path / "table.onnx"
     w = _table_model(path)
     calls = []
-    monkeypatch.setattr(loader, "advise_random", lambda ranges: calls.append(list(ranges)) or 0)
+    monkeypatch.setattr(pages, "advise_random", lambda ranges: calls.append(list(ranges)) or 0)
     graph = load_graph(path)
     table = graph.file_location(graph.weights["emb.packed"])
     b = backends.create(backend, graph, RuntimeOptions(threads=1))
@@ -200,7 +201,7 @@ def test_advise_random_falls_back_to_the_path_where_stat_and_maps_disagree(tmp_p
     with open(path, "rb") as fh:
         m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        monkeypatch.setattr(loader.os, "stat", lambda p, *a, **k: fake if str(p) == str(path) else os.lstat(p))
+        monkeypatch.setattr(pages.os, "stat", lambda p, *a, **k: fake if str(p) == str(path) else os.lstat(p))
         assert advise_random([(path, 0, 4 * PAGE)]) == 4 * PAGE
         monkeypatch.undo()
         assert all("rr" in v["flags"] for v in _vmas(path))
