@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qbert_edge.errors import QbertEdgeError
-from qbert_edge.runtime.native import DEFAULT_ACCURACY_LEVEL, keeps_2bit
+from qbert_edge.runtime.native import DEFAULT_ACCURACY_LEVEL, set_accuracy_level, widen_2bit_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ def _native_backend(model, weights: dict[str, np.ndarray], options: RuntimeOptio
     # a --target ort export (or any ONNX model) runs as it is, but for the settings below
     if options.accuracy_level is not None:
         set_accuracy_level(model, options.accuracy_level)
-    weights = widen_2bit(model, weights, rule=options.widen_2bit, store=store, release=graph.forget)
+    weights = widen_2bit_matmuls(model, weights, rule=options.widen_2bit, store=store, release=graph.forget)
     kept = {id(a) for a in weights.values()} | {id(a.base) for a in weights.values() if a.base is not None}
     graph.forget([a for a in before.values() if id(a) not in kept and id(a.base) not in kept])
     del before
@@ -513,88 +513,6 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # musl and others have no malloc_trim
         pass
-
-
-def widen_2bit(model, weights: dict[str, np.ndarray], rule: bool | None = True, store=None,
-               release=None) -> dict[str, np.ndarray]:
-    """Rewrite 2-bit ``MatMulNBits`` of ``model`` (in place) to 4 bits; returns the new weights.
-
-    ``rule`` True: every one; False: none; None: those onnxruntime has no native 2-bit kernel
-    for, by their own ``accuracy_level`` and ``block_size`` (:func:`native.keeps_2bit`).
-
-    Exact: a 2-bit code and zero point are the same numbers in 4 bits. ``B`` is
-    ``[N, blocks, block/4]`` bytes of 2-bit codes, low bits first; the 4-bit blob is
-    ``[N, blocks, block/2]``, two codes per byte, low nibble first. Zero points are packed per
-    row the same way (4 per byte -> 2 per byte, padded to whole bytes). ``store``/``release``
-    as in :func:`~qbert_edge.runtime.native.native_rewrite`: each widened ``B`` goes to ``store``
-    as it is made, each replaced array to ``release``. Zero points small enough to have stayed
-    in the graph (``loader.SMALL_BYTES``) are widened there.
-    """
-    from onnx import helper, numpy_helper
-
-    out = dict(weights)
-    inside = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("bits") != 2 or node.input[1] not in out or rule is False:
-            continue
-        if rule is None and keeps_2bit(attrs.get("accuracy_level", 0), int(attrs["block_size"])):
-            continue
-        n, k, block = int(attrs["N"]), int(attrs["K"]), int(attrs["block_size"])
-        blocks = k // block
-        keep = store or (lambda arr: arr)
-        replaced = [out[node.input[1]]]
-        codes = _widen_crumbs(np.asarray(out[node.input[1]]).reshape(n, -1), blocks * block)
-        out[node.input[1]] = keep(codes.reshape(n, blocks, block // 2))
-        if len(node.input) > 3 and node.input[3] in out:
-            replaced.append(out[node.input[3]])
-            zeros = _crumbs(np.asarray(out[node.input[3]]).reshape(n, -1))[:, :blocks]
-            out[node.input[3]] = _nibbles(zeros)  # small, and kept as it is by onnxruntime: not stored
-        elif len(node.input) > 3 and node.input[3] in inside:
-            tensor = inside[node.input[3]]
-            zeros = _crumbs(numpy_helper.to_array(tensor).reshape(n, -1))[:, :blocks]
-            tensor.CopyFrom(numpy_helper.from_array(_nibbles(zeros), tensor.name))
-        if release is not None:
-            release(replaced)
-        kept = [a for a in node.attribute if a.name != "bits"]
-        del node.attribute[:]
-        node.attribute.extend(kept + [helper.make_attribute("bits", 4)])
-    return out
-
-
-def _widen_crumbs(packed: np.ndarray, count: int, rows_per_step: int = 256) -> np.ndarray:
-    """2-bit rows ``[n, bytes]`` -> 4-bit rows ``[n, ceil(count/2)]`` (the first ``count`` codes), a few rows at a time."""
-    n = packed.shape[0]
-    out = np.empty((n, (count + 1) // 2), np.uint8)
-    for r0 in range(0, n, rows_per_step):
-        out[r0:r0 + rows_per_step] = _nibbles(_crumbs(packed[r0:r0 + rows_per_step])[:, :count])
-    return out
-
-
-def _crumbs(packed: np.ndarray) -> np.ndarray:
-    """Rows of 2-bit values packed 4 per byte (low bits first) -> uint8 ``[rows, 4 * bytes]``."""
-    shifts = np.array([0, 2, 4, 6], np.uint8)
-    return ((packed[:, :, None] >> shifts) & 3).reshape(packed.shape[0], -1)
-
-
-def _nibbles(values: np.ndarray) -> np.ndarray:
-    """Rows of 4-bit values -> 2 per byte, low nibble first, odd rows padded with a zero nibble."""
-    if values.shape[1] % 2:
-        values = np.concatenate([values, np.zeros((values.shape[0], 1), np.uint8)], axis=1)
-    return np.ascontiguousarray(values[:, 0::2] | (values[:, 1::2] << 4))
-
-
-def set_accuracy_level(model, level: int) -> None:
-    """Set ``accuracy_level`` on every ``MatMulNBits`` node of ``model`` (in place)."""
-    from onnx import helper
-
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend(kept + [helper.make_attribute("accuracy_level", int(level))])
 
 
 def _copy(model):

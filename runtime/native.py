@@ -425,6 +425,71 @@ def _drop_unused(nodes: list, outputs: set[str], op_types: tuple[str, ...]) -> l
     return [n for n in nodes if n.op_type not in op_types or any(o in used for o in n.output)]
 
 
+def widen_2bit_matmuls(model, weights: dict[str, np.ndarray], rule: bool | None = True, store=None,
+                       release=None) -> dict[str, np.ndarray]:
+    """Rewrite 2-bit ``MatMulNBits`` of ``model`` (in place) to 4 bits; returns the new weights.
+
+    ``rule`` True: every one; False: none; None: those onnxruntime has no native 2-bit kernel
+    for, by their own ``accuracy_level`` and ``block_size`` (:func:`keeps_2bit`).
+
+    Exact: a 2-bit code and zero point are the same numbers in 4 bits. ``B`` is
+    ``[N, blocks, block/4]`` bytes of 2-bit codes, low bits first; the 4-bit blob is
+    ``[N, blocks, block/2]``, two codes per byte, low nibble first. Zero points are packed per
+    row the same way (4 per byte -> 2 per byte, padded to whole bytes). ``store``/``release``
+    as in :func:`native_rewrite`: each widened ``B`` goes to ``store`` as it is made, each
+    replaced array to ``release``. Zero points small enough to have stayed in the graph
+    (``loader.SMALL_BYTES``) are widened there. The ``ort`` backend calls it at load time with
+    ``RuntimeOptions.widen_2bit`` as ``rule``.
+    """
+    from onnx import helper, numpy_helper
+
+    out = dict(weights)
+    inside = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("bits") != 2 or node.input[1] not in out or rule is False:
+            continue
+        if rule is None and keeps_2bit(attrs.get("accuracy_level", 0), int(attrs["block_size"])):
+            continue
+        n, k, block = int(attrs["N"]), int(attrs["K"]), int(attrs["block_size"])
+        blocks = k // block
+        keep = store or (lambda arr: arr)
+        replaced = [out[node.input[1]]]
+        codes = widen_codes(out[node.input[1]], 2, n, blocks * block, 4)
+        out[node.input[1]] = keep(codes.reshape(n, blocks, block // 2))
+        if len(node.input) > 3 and node.input[3] in out:
+            replaced.append(out[node.input[3]])
+            out[node.input[3]] = _widen_zero_rows(out[node.input[3]], n, blocks)  # small, kept as it is by onnxruntime: not stored
+        elif len(node.input) > 3 and node.input[3] in inside:
+            tensor = inside[node.input[3]]
+            tensor.CopyFrom(numpy_helper.from_array(_widen_zero_rows(numpy_helper.to_array(tensor), n, blocks), tensor.name))
+        if release is not None:
+            release(replaced)
+        kept = [a for a in node.attribute if a.name != "bits"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("bits", 4)])
+    return out
+
+
+def _widen_zero_rows(packed: np.ndarray, rows: int, count: int) -> np.ndarray:
+    """2-bit values packed per row (``[rows, ceil(count/4)]`` bytes) -> 4-bit per row (``[rows, ceil(count/2)]``)."""
+    packed = np.asarray(packed, np.uint8).reshape(rows, -1)
+    return _packed_rows(unpack(packed.reshape(-1), 2, packed.size * 4).reshape(rows, -1)[:, :count], 4)
+
+
+def set_accuracy_level(model, level: int) -> None:
+    """Set ``accuracy_level`` on every ``MatMulNBits`` node of ``model`` (in place)."""
+    from onnx import helper
+
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute("accuracy_level", int(level))])
+
+
 def to_native(model: onnx.ModelProto, *, strict: bool = True, max_block: int = MAX_BLOCK, widen: bool = True,
               accuracy_level: int | None = None, widen_2bit: bool | None = False, int8: bool = False) -> onnx.ModelProto:
     """:func:`native_rewrite` of a self-contained model (all initializers inside)."""

@@ -203,8 +203,10 @@ def test_chunked_widening_is_the_one_pass_repack(bits, new_bits, rows, cols):
         np.testing.assert_array_equal(widen_codes(packed, bits, rows, cols, new_bits, chunk=chunk), expected)
 
 
-def test_widen_2bit_in_steps_is_the_one_pass_repack():
-    rng = np.random.default_rng(0)
-    packed = rng.integers(0, 256, (600, 48), dtype=np.uint8)  # 600 rows of 192 2-bit codes
-    expected = backends._nibbles(backends._crumbs(packed)[:, :160])
-    np.testing.assert_array_equal(backends._widen_crumbs(packed, 160, rows_per_step=7), expected)
+def test_2bit_zero_points_widen_row_by_row():
+    from qbert_edge.runtime.native import _packed_rows, _widen_zero_rows
+
+    zeros = np.random.default_rng(0).integers(0, 4, (5, 7), dtype=np.uint8)  # 7 blocks: rows padded at both widths
+    widened = _widen_zero_rows(_packed_rows(zeros, 2), 5, 7)
+    np.testing.assert_array_equal(widened, _packed_rows(zeros, 4))
+    assert widened.shape == (5, 4)

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qbert_edge.runtime import backends, kernels
+from qbert_edge.runtime import backends, kernels, native
 from qbert_edge.runtime.backends import RuntimeOptions
 from qbert_edge.runtime.loader import load_graph
 from qbert_edge.runtime.native import keeps_2bit, matmul_layout, native_rewrite, to_native
@@ -137,7 +137,7 @@ def test_level_0_widens_exactly_as_before():
     weights = {"w": w[0]}
     del model.graph.initializer[0]
     old_model, old_weights = native_rewrite(model, weights)  # widen_2bit=False: the old rewrite
-    old_weights = backends.widen_2bit(old_model, old_weights)  # rule=True: the old load-time widening
+    old_weights = native.widen_2bit_matmuls(old_model, old_weights)  # rule=True: the old load-time widening
     new_model, new_weights = native_rewrite(model, weights, widen_2bit=None)  # level None = 0
     assert _attrs(new_model.graph.node[0]) == _attrs(old_model.graph.node[0])
     assert _attrs(new_model.graph.node[0])["bits"] == 4 and _attrs(new_model.graph.node[0])["block_size"] == 256
@@ -160,12 +160,12 @@ def test_widen_2bit_rule_on_a_target_ort_graph():
     for level, block, widened in [(4, 128, False), (4, 64, False), (4, 32, True), (4, 256, True), (0, 128, True),
                                   (1, 64, True)]:
         model, weights = graph(level, block)
-        out = backends.widen_2bit(model, weights, rule=None)
+        out = native.widen_2bit_matmuls(model, weights, rule=None)
         assert (_attrs(model.graph.node[0])["bits"] == 4) == widened, (level, block)
         assert out["B"].nbytes == N * K // (2 if widened else 4)
     for rule, widened in [(True, True), (False, False)]:
         model, weights = graph(4, 128)
-        backends.widen_2bit(model, weights, rule=rule)
+        native.widen_2bit_matmuls(model, weights, rule=rule)
         assert (_attrs(model.graph.node[0])["bits"] == 4) == widened
     with pytest.raises(Exception, match="widen_2bit"):
         RuntimeOptions(widen_2bit="auto")
@@ -245,5 +245,5 @@ def test_exporter_target_ort_follows_the_same_rule():
         b = next(t for t in exported.graph.initializer if t.name == node.input[1])
         weights[node.input[1]] = numpy_helper.to_array(b)
     before = [_attrs(n) for n in nodes]
-    backends.widen_2bit(exported, weights, rule=None)
+    native.widen_2bit_matmuls(exported, weights, rule=None)
     assert [_attrs(n) for n in exported.graph.node if n.op_type == "MatMulNBits"] == before
