@@ -147,6 +147,7 @@ def train_reference(
     if recipe.limit is not None and recipe.limit < len(train):
         rows = sorted(batch_order(len(train), shuffle=True, seed=recipe.seed)[: recipe.limit])
         train = Dataset(f"{train.name}[{recipe.limit} seeded]", tuple(train.examples[r] for r in rows), train.labels)
+    torch.manual_seed(recipe.seed)  # the classifier head is newly initialized: without this, every run differs
     model, tokenizer = load_base_classifier()
     log.info("%s: fine-tuning on %s (%d examples), %d threads", NAME, train.name, len(train), torch.get_num_threads())
     load_start = os.getloadavg()[0]
