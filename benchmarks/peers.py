@@ -615,15 +615,20 @@ def plot(rows: list[dict], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 5))
         pts = [(r["figures"]["b1"][key]["median"], r["accuracy"]) for r in acc_rows]
         for (x, y), r, dy in zip(pts, acc_rows, label_offsets(pts)):
-            ax.scatter(x, y, marker="o" if r["family"] == "ours" else "s",
-                       color="tab:blue" if r["family"] == "ours" else "tab:orange")
+            color = "tab:blue" if r["family"] == "ours" else "tab:orange"
+            ax.scatter(x, y, marker="o" if r["family"] == "ours" else "s", color=color)
+            n = len(r.get("correct", ""))
+            if n:  # the 95% interval of one accuracy on its own; paired comparisons are tighter (targets)
+                ax.errorbar(x, y, yerr=1.96 * (y * (1 - y) / n) ** 0.5, fmt="none", ecolor=color, alpha=0.35,
+                            lw=0.8, capsize=2)
             ax.annotate(r["label"].replace("ORT ", "").replace("MatMulNBits ", ""), (x, y), fontsize=7,
                         xytext=(3, 3 + dy), textcoords="offset points")
         front = sorted(pts[i] for i in pareto(pts))
         ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy on rt:dev")
+        sentences = max((len(r.get("correct", "")) for r in acc_rows), default=0)
+        ax.set_ylabel("accuracy on rt:dev" + (f" (bars: 95% interval, {sentences} sentences)" if sentences else ""))
         ax.set_title(f"MiniLM classifier: accuracy vs {xlabel.split(' (')[0]} (blue: ours, orange: peers)")
         ax.legend()
         fig.tight_layout()

@@ -300,3 +300,22 @@ def test_markdown_header_names_the_idle_test_of_old_and_new_runs(peers):
     assert "for the CPUs to be < 25% busy" in peers.markdown([], meta, [])
     old = {k: v for k, v in meta.items() if k != "idle_cpu"} | {"idle_load": 2.5}
     assert "for load < 2.5" in peers.markdown([], old, [])
+
+
+def test_accuracy_plots_draw_95_percent_intervals_from_the_sentences(peers, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    bars = []
+    real = matplotlib.axes.Axes.errorbar
+    def errorbar(ax, x, y, yerr=None, **kw):
+        if yerr is not None:  # the latency bars' xerr comes through here too
+            bars.append((y, yerr))
+        return real(ax, x, y, yerr=yerr, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    rows = _with_correct([_row(peers, "ort-int8", "peer", 0.8, 30.0, 40.0, "plain-ort"),
+                          _row(peers, "ours-mp24-e2", "ours", 0.5, 10.0, 20.0)], n=400)
+    rows.append(_row(peers, "ours-w4", "ours", 0.7, 12.0, 20.0))  # no sentences kept (an old peers.json): no bar
+    assert peers.plot(rows, tmp_path)[:2] == ["peers_acc_size.png", "peers_acc_dram.png"]
+    expected = [(0.8, 1.96 * (0.8 * 0.2 / 400) ** 0.5), (0.5, 1.96 * (0.25 / 400) ** 0.5)]
+    assert bars == expected * 2  # both plots, one bar per row with sentences
