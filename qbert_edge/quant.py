@@ -111,11 +111,11 @@ def mse_shrink(w: torch.Tensor, spec: ModuleQuant, grid: tuple[float, ...] = SHR
 def _best_shrink(g: torch.Tensor, spec: ModuleQuant, grid: tuple[float, ...]) -> torch.Tensor:
     """:func:`mse_shrink` of the groups ``g [groups, group size]``; the error is exactly that of
     ``dequantize(quantize_codes(...))``, computed in place in one buffer."""
-    best_err = torch.full((len(g),), float("inf"))
-    best = torch.ones(len(g))
+    best_err = torch.full((len(g),), float("inf"), device=g.device)
+    best = torch.ones(len(g), device=g.device)
     err = torch.empty_like(g)
     for factor in grid:
-        shrink = torch.full((len(g),), float(factor))
+        shrink = torch.full((len(g),), float(factor), device=g.device)
         scale, zero = (t[:, None] for t in quant_params(g, spec.bits, len(g), spec.symmetric, shrink))
         torch.div(g, scale, out=err).round_().add_(zero).clamp_(0, 2**spec.bits - 1).sub_(zero).mul_(scale).sub_(g)
         total = err.square_().sum(dim=1)

@@ -9,6 +9,7 @@ after a process that was killed while loading.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -66,6 +67,8 @@ class Spill:
                 self._fd, name = tempfile.mkstemp(prefix=f".qbert-edge-{os.getpid()}-", suffix=".spill",
                                                   dir=self.graph.path.parent)
                 self.path = Path(name)
+                with contextlib.suppress(OSError):  # no locks on this filesystem: the pid alone tells
+                    _try_lock(self._fd)  # held until close: tells remove_stale_spills the file is in use
             offset = -(-self._end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
             data = memoryview(arr.reshape(-1).view(np.uint8))
             done = 0
@@ -103,26 +106,51 @@ class Spill:
 
 
 def remove_stale_spills(folder: Path) -> list[Path]:
-    """Remove the :class:`Spill` files in ``folder`` whose process no longer runs; the removed paths.
+    """Remove the :class:`Spill` files in ``folder`` left by processes that no longer run; the removed paths.
 
-    A file whose name carries no process id, or that of a running process (of any user), is kept.
+    A file is stale when the process id in its name does not run here and no process holds its
+    lock (a :class:`Spill` holds an exclusive ``flock`` on its file until :meth:`Spill.close`;
+    the lock also covers a process in another PID namespace that loads from a shared folder).
+    A file whose name carries no process id is kept. A no-op on Windows.
     """
+    if os.name == "nt":
+        return []
     removed = []
     for path in Path(folder).glob(".qbert-edge-*-*.spill"):
         pid = path.name.split("-")[2]
         if not pid.isdigit() or _running(int(pid)):
             continue
         try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone already, or not ours to read
+        try:
+            if not _try_lock(fd):
+                continue  # a live process holds it
             path.unlink()
         except OSError as exc:
             log.warning("cannot remove the stale temporary file %s (%s)", path, exc.strerror or exc)
             continue
+        finally:
+            os.close(fd)
         log.info("removed %s, left by process %s, which no longer runs", path, pid)
         removed.append(path)
     return removed
 
 
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` without waiting: False if another process holds one."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def _running(pid: int) -> bool:
+    """Whether ``pid`` runs in this PID namespace (POSIX only: on Windows ``os.kill`` terminates)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -140,13 +140,21 @@ def test_a_spill_removes_the_files_of_processes_that_no_longer_run(tmp_path):
     stale = tmp_path / f".qbert-edge-{int(dead.stdout)}-abc.spill"
     alive = tmp_path / f".qbert-edge-{os.getppid()}-def.spill"  # our parent: running
     other = tmp_path / ".qbert-edge-xyz.spill"  # no process id: not ours to judge
-    for f in (stale, alive, other):
+    locked = tmp_path / f".qbert-edge-{int(dead.stdout)}-ghi.spill"  # its pid is not seen here, but it is locked:
+    for f in (stale, alive, other, locked):  # a process in another PID namespace, loading from a shared folder
         f.write_bytes(b"x" * 10)
-    spill = Spill(load_graph(path), min_bytes=1024)
-    spill.put(np.zeros(4096, dtype=np.float32))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()", str(locked)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        spill = Spill(load_graph(path), min_bytes=1024)
+        spill.put(np.zeros(4096, dtype=np.float32))
+    finally:
+        holder.communicate("")
     if spill._failed:
         pytest.skip(f"no spill here: {spill._failed}")
-    assert not stale.exists() and alive.exists() and other.exists()
+    assert not stale.exists() and alive.exists() and other.exists() and locked.exists()
     assert spill.path.name.startswith(f".qbert-edge-{os.getpid()}-")
     spill.close()
 

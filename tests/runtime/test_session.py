@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -354,11 +355,11 @@ def test_backends_agree_on_the_reference_dev_set(minilm_classifier, tmp_path):
     from qbert_edge.exporters.validate import explain
 
     probe, quantizers, inputs, ranges = _probe_quantizers(minilm_classifier, tmp_path / "probe.onnx")
-    sessions = {backend: Session(probe, backend=backend) for backend in ALL}
-    logit = sessions["reference"].output_names[0]
-    texts = load_data("rt:dev", labels=sessions["reference"].labels).texts[:DEV_SENTENCES]
     flips, same = {"ort": 0, "ort-custom": 0}, {"ort": [], "ort-custom": []}
-    try:
+    with contextlib.ExitStack() as stack:
+        sessions = {backend: stack.enter_context(Session(probe, backend=backend)) for backend in ALL}
+        logit = sessions["reference"].output_names[0]
+        texts = load_data("rt:dev", labels=sessions["reference"].labels).texts[:DEV_SENTENCES]
         for start in range(0, len(texts), 32):
             feeds = sessions["reference"].encode(texts[start:start + 32])
             ref = sessions["reference"].run(feeds)
@@ -372,9 +373,6 @@ def test_backends_agree_on_the_reference_dev_set(minilm_classifier, tmp_path):
                 bad = {start + b: v for b, v in verdicts.items() if not v.startswith("flip")}
                 assert not bad, f"{backend}: sentences past {tol:.1e} without a rounding flip: {bad}"
                 flips[backend] += len(past)
-    finally:
-        for s in sessions.values():
-            s.close()
     print({b: f"{n} of {len(texts)} sentences past the tolerance by a rounding flip, "
               f"{np.mean(same[b]):.1%} same labels" for b, n in flips.items()})
     for backend, agree in same.items():
