@@ -467,9 +467,7 @@ def widen_2bit_matmuls(model, weights: dict[str, np.ndarray], rule: bool | None 
             tensor.CopyFrom(numpy_helper.from_array(_widen_zero_rows(numpy_helper.to_array(tensor), n, blocks), tensor.name))
         if release is not None:
             release(replaced)
-        kept = [a for a in node.attribute if a.name != "bits"]
-        del node.attribute[:]
-        node.attribute.extend(kept + [helper.make_attribute("bits", 4)])
+        _set_attribute(node, "bits", 4)
     return out
 
 
@@ -481,13 +479,18 @@ def _widen_zero_rows(packed: np.ndarray, rows: int, count: int) -> np.ndarray:
 
 def set_accuracy_level(model, level: int) -> None:
     """Set ``accuracy_level`` on every ``MatMulNBits`` node of ``model`` (in place)."""
-    from onnx import helper
-
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend(kept + [helper.make_attribute("accuracy_level", int(level))])
+            _set_attribute(node, "accuracy_level", int(level))
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    """Give ``node`` the attribute ``name = value``, replacing one of that name (in place)."""
+    from onnx import helper
+
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept + [helper.make_attribute(name, value)])
 
 
 def to_native(model: onnx.ModelProto, *, strict: bool = True, max_block: int = MAX_BLOCK, widen: bool = True,
