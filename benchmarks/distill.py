@@ -183,7 +183,9 @@ def markdown(data: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    cache = Path(os.environ.get("QBERT_EDGE_CACHE", Path.home() / ".cache" / "qbert-edge"))
+    from qbert_edge.reference import cache_root
+
+    cache = cache_root()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", help="KEY:STEPS or KEY:STEPS:kd")
     parser.add_argument("--lr", type=float, default=5e-5)

@@ -288,8 +288,10 @@ def agreement_markdown(result: dict, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from qbert_edge.reference import cache_root
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("QBERT_EDGE_CACHE", Path.home() / ".cache" / "qbert-edge")) / "bench-runtime")
+    parser.add_argument("--workdir", type=Path, default=cache_root() / "bench-runtime")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
