@@ -148,8 +148,8 @@ def plan_digest(plan, qat_steps: int = 0, lr: float = 0.0, distill=None, seed: i
     """8 hex digits naming a plan's numbers (bits, groups, symmetric, clip of every module; activation
     bits) and the method (``qat_steps``, ``lr``, the distillation settings ``distill``, a
     :class:`qbert_edge.distill.DistillConfig` or ``None``, the QAT ``seed``): a cached file is reused
-    only for the same ones. Without distillation, with min/max ranges and seed 0 the digest is the
-    one files made before those existed carry."""
+    only for the same ones. A DirectQ plan with min/max ranges has the digest files made before
+    those options existed carry; QAT files made before batches were grouped by length do not match."""
     import hashlib
     import json
 
@@ -160,6 +160,8 @@ def plan_digest(plan, qat_steps: int = 0, lr: float = 0.0, distill=None, seed: i
         method += [distill.alpha, distill.temperature] + (["hidden", distill.hidden] if distill.hidden else [])
     if seed and qat_steps:
         method += ["seed", seed]
+    if qat_steps:
+        method += ["length-grouped batches"]  # QAT batches are grouped by length (qat_quantize's default)
     text = json.dumps([numbers, plan.activation_bits, *method], sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
@@ -170,7 +172,7 @@ def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: f
     DirectQ calibrated on 64 Rotten Tomatoes sentences, or QAT for ``qat_steps`` steps of batch 32
     at ``lr`` on ``rt:train`` (max length 64, as ``benchmarks/reproduce.py``) when ``qat_steps`` > 0,
     distilled from the fp32 ``source`` with ``distill`` (a :class:`qbert_edge.distill.DistillConfig`)
-    if given; ``seed`` seeds the QAT data order and dropout. Writes a ``model.pt``."""
+    if given; ``seed`` seeds the QAT data order (length-grouped batches) and dropout. Writes a ``model.pt``."""
     tmp = _fresh(out)
     if tmp is not None:
         from qbert_edge.checkpoint import save_quantized

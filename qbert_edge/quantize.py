@@ -49,8 +49,11 @@ def qat_quantize(
     max_steps: int | None = None,
     progress: bool = True,
     distill: DistillConfig | None = None,
+    group_by_length: bool = True,
 ) -> LoadedModel:
     """Q-BERT QAT: fake-quantize with ``plan``, fine-tune on ``dataset``, freeze the codes.
+
+    ``group_by_length``: batches of texts of similar length (see :func:`qbert_edge.train.fine_tune`).
 
     ``distill``: the teacher is ``loaded.model`` as it is on entry (fp32), copied before
     quantization; the settings land in ``meta["distill"]`` (``None`` without distillation)."""
@@ -78,6 +81,7 @@ def qat_quantize(
         max_steps=max_steps,
         teacher=teacher,
         distill=distill,
+        group_by_length=group_by_length,
     )
     del teacher
     freeze(loaded.model)

@@ -49,6 +49,8 @@ class ReferenceRecipe:
     seed: int = 42
     warmup: float = 0.1
     weight_decay: float = 0.01
+    #: batches of texts of similar length: the same data, about half the padding and the time
+    group_by_length: bool = True
     max_steps: int | None = None
     limit: int | None = None
     train_data: str = "rt:train"
@@ -156,7 +158,7 @@ def train_reference(
         model, train, tokenizer,
         epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, max_length=recipe.max_length,
         seed=recipe.seed, warmup=recipe.warmup, weight_decay=recipe.weight_decay,
-        max_steps=recipe.max_steps, progress=progress,
+        max_steps=recipe.max_steps, progress=progress, group_by_length=recipe.group_by_length,
     )
     start = time.perf_counter()
     metrics, _ = evaluate_torch(model, dev, tokenizer, batch_size=64, max_length=recipe.max_length)

@@ -13,6 +13,10 @@ high-water mark of its RSS (**peak**; ``peak_load``: the same read right after l
 the process touched (mapped file pages count too), every copy made while loading, the
 activations and onnxruntime's own buffers. Latency is the wall time of each timed run (p50/p90).
 
+:func:`measure_series` measures several ``(batch, runs)`` steps one after another in one such
+process (one load): each step's peak also covers the steps before it, so the first step's
+figures are a fresh process's and the batches go in increasing order.
+
 Next to it the parent reports what the file holds (:func:`static_bytes`, by kind: packed codes,
 scales, zero points, fp32 and int8 tensors, graph) and :func:`activation_bytes`, an estimate of
 the live fp32 activations for the batch and length. The JSON is ``qbert-edge/measure`` v1.
@@ -31,6 +35,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -249,11 +254,26 @@ def activation_bytes(dims: ModelDims, batch: int, seq_len: int) -> int:
 
 def measure(config: MeasureConfig | str, **kwargs) -> dict:
     """Measure ``config`` (or a model path plus :class:`MeasureConfig` fields) in a fresh process."""
+    if not isinstance(config, MeasureConfig):
+        config = MeasureConfig(model=str(config), **kwargs)
+    return measure_series(config, [(config.batch, config.runs)])[0]
+
+
+def measure_series(config: MeasureConfig, steps: Sequence[tuple[int, int]]) -> list[dict]:
+    """Measure ``config`` at each ``(batch, runs)`` of ``steps`` in turn, all in one fresh process
+    that loads the model once: one report per step, as :func:`measure` gives.
+
+    ``VmHWM`` never falls, so a step's ``peak`` (and ``model_share``) is the high-water mark of the
+    steps before it too (listed in its ``preceded_by``): give the batches in increasing order. The
+    first step's figures are exactly those of a fresh process measured at that step alone; the
+    later ones can hold what onnxruntime's arena kept from the smaller batches."""
     from qbert_edge.runtime import backends
     from qbert_edge.runtime.loader import load_graph
 
-    if not isinstance(config, MeasureConfig):
-        config = MeasureConfig(model=str(config), **kwargs)
+    if not steps:
+        raise QbertEdgeError("measure_series: no (batch, runs) steps given")
+    for batch, runs in steps:
+        MeasureConfig(**{**asdict(config), "batch": batch, "runs": runs})  # the same checks as one step
     backend = backends.resolve(config.backend) if config.engine == "qbert-edge" else "onnxruntime"
     config = MeasureConfig(**{**asdict(config), "backend": backend})
     graph = load_graph(config.model)
@@ -262,42 +282,46 @@ def measure(config: MeasureConfig | str, **kwargs) -> dict:
     options = config.options()
     native_4bit = native_4bit_bytes(graph, options.accuracy_level, options.widen_2bit) if backend == "ort" else 0
     del graph
-    child = _run_child(config)
-    rss = child["rss"]
-    activations = activation_bytes(dims, config.batch, config.seq_len)
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": str(config.model),
-        "engine": config.engine,
-        "backend": backend,
-        "batch": config.batch,
-        "seq_len": config.seq_len,
-        "runs": config.runs,
-        "warmup": config.warmup,
-        "threads": child["threads"],
-        "options": child["options"],
-        "static_mb": {k: round(v / MB, 3) for k, v in static.items()},
-        "dims": asdict(dims),
-        "activations_mb": round(activations / MB, 3),
-        "native_4bit_mb": round(native_4bit / MB, 3),
-        "rss_mb": {k: (None if v is None else round(v / MB, 2)) for k, v in rss.items()},
-        "load_s": round(child["load_s"], 3),
-        "latency_ms": {
-            "p50": round(percentile(child["latency_ms"], 50), 2),
-            "p90": round(percentile(child["latency_ms"], 90), 2),
-            "mean": round(float(np.mean(child["latency_ms"])), 2),
-            "min": round(min(child["latency_ms"]), 2),
-        },
-        "host": {
-            "machine": platform.machine(),
-            "emulated": emulated(),
-            "cpus": os.cpu_count(),
-            "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "python": platform.python_version(),
-            "onnxruntime": _version("onnxruntime"),
-        },
+    child = _run_child(config, steps)
+    host = {
+        "machine": platform.machine(),
+        "emulated": emulated(),
+        "cpus": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "onnxruntime": _version("onnxruntime"),
     }
+    reports = []
+    for i, ((batch, runs), step) in enumerate(zip(steps, child["steps"])):
+        latency = step["latency_ms"]
+        reports.append({
+            "format": FORMAT,
+            "version": VERSION,
+            "model": str(config.model),
+            "engine": config.engine,
+            "backend": backend,
+            "batch": batch,
+            "seq_len": config.seq_len,
+            "runs": runs,
+            "warmup": config.warmup,
+            "preceded_by": [b for b, _ in steps[:i]],
+            "threads": child["threads"],
+            "options": child["options"],
+            "static_mb": {k: round(v / MB, 3) for k, v in static.items()},
+            "dims": asdict(dims),
+            "activations_mb": round(activation_bytes(dims, batch, config.seq_len) / MB, 3),
+            "native_4bit_mb": round(native_4bit / MB, 3),
+            "rss_mb": {k: (None if v is None else round(v / MB, 2)) for k, v in step["rss"].items()},
+            "load_s": round(child["load_s"], 3),
+            "latency_ms": {
+                "p50": round(percentile(latency, 50), 2),
+                "p90": round(percentile(latency, 90), 2),
+                "mean": round(float(np.mean(latency)), 2),
+                "min": round(min(latency), 2),
+            },
+            "host": host,
+        })
+    return reports
 
 
 def cpu_name() -> str:
@@ -338,8 +362,9 @@ def _version(module: str) -> str | None:
         return None
 
 
-def _run_child(config: MeasureConfig) -> dict:
-    cmd = [sys.executable, "-m", "qbert_edge.runtime.memory", json.dumps(asdict(config))]
+def _run_child(config: MeasureConfig, steps: Sequence[tuple[int, int]]) -> dict:
+    payload = {**asdict(config), "steps": [list(step) for step in steps]}
+    cmd = [sys.executable, "-m", "qbert_edge.runtime.memory", json.dumps(payload)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -381,7 +406,7 @@ def _import_backend(config: MeasureConfig) -> None:
         import qbert_edge.runtime.reference  # noqa: F401
 
 
-def _child(config: MeasureConfig) -> dict:
+def _child(config: MeasureConfig, steps: Sequence[tuple[int, int]]) -> dict:
     import gc
 
     _import_backend(config)
@@ -398,31 +423,35 @@ def _child(config: MeasureConfig) -> dict:
         threads, options = session.options.resolved_threads, asdict(session.options)
     load_s = time.perf_counter() - start
     loaded = proc_status()  # its VmHWM is the peak while loading
-    feeds = random_feeds(names, limits, config.batch, config.seq_len, config.seed)
-    for _ in range(config.warmup):
-        run(feeds)
-    latencies = []
-    for _ in range(config.runs):
-        t0 = time.perf_counter()
-        run(feeds)
-        latencies.append((time.perf_counter() - t0) * 1e3)
-    after = proc_status()
+    out = []
+    for batch, runs in steps:
+        feeds = random_feeds(names, limits, batch, config.seq_len, config.seed)
+        for _ in range(config.warmup):
+            run(feeds)
+        latencies = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            run(feeds)
+            latencies.append((time.perf_counter() - t0) * 1e3)
+        del feeds
+        out.append({"rss": _rss(base, loaded, proc_status()), "latency_ms": latencies})
+    return {"steps": out, "load_s": load_s, "threads": threads, "options": options}
 
-    def get(d: dict, key: str):
-        return d.get(key)
 
+def _rss(base: dict, loaded: dict, after: dict) -> dict:
+    """The RSS figures (bytes) of one step from the three ``/proc`` reads around it."""
     rss = {
-        "baseline": get(base, "VmRSS"),
-        "after_load": get(loaded, "VmRSS"),
-        "after_runs": get(after, "VmRSS"),
-        "peak": get(after, "VmHWM"),
-        "peak_load": get(loaded, "VmHWM"),
-        "anon_baseline": get(base, "RssAnon"),
-        "file_baseline": get(base, "RssFile"),
-        "anon_after_load": get(loaded, "RssAnon"),
-        "file_after_load": get(loaded, "RssFile"),
-        "anon_after_runs": get(after, "RssAnon"),
-        "file_after_runs": get(after, "RssFile"),
+        "baseline": base.get("VmRSS"),
+        "after_load": loaded.get("VmRSS"),
+        "after_runs": after.get("VmRSS"),
+        "peak": after.get("VmHWM"),
+        "peak_load": loaded.get("VmHWM"),
+        "anon_baseline": base.get("RssAnon"),
+        "file_baseline": base.get("RssFile"),
+        "anon_after_load": loaded.get("RssAnon"),
+        "file_after_load": loaded.get("RssFile"),
+        "anon_after_runs": after.get("RssAnon"),
+        "file_after_runs": after.get("RssFile"),
         "model_share": None,
         "load_share": None,
         "load_peak_share": None,
@@ -431,7 +460,7 @@ def _child(config: MeasureConfig) -> dict:
         rss["model_share"] = rss["peak"] - rss["baseline"]
         rss["load_share"] = rss["after_load"] - rss["baseline"]
         rss["load_peak_share"] = rss["peak_load"] - rss["baseline"]
-    return {"rss": rss, "load_s": load_s, "latency_ms": latencies, "threads": threads, "options": options}
+    return rss
 
 
 def _plain_ort(config: MeasureConfig):
@@ -481,9 +510,11 @@ def random_feeds(names: list[str], limits: dict[str, int], batch: int, seq_len: 
 def main(argv: list[str] | None = None) -> None:
     """Child entry point: measure the JSON config in ``argv[0]`` and print one JSON line."""
     argv = sys.argv[1:] if argv is None else argv
-    config = MeasureConfig(**json.loads(argv[0]))
+    payload = json.loads(argv[0])
+    steps = [tuple(step) for step in payload.pop("steps")]
+    config = MeasureConfig(**payload)
     try:
-        result = _child(config)
+        result = _child(config, steps)
     except QbertEdgeError as exc:
         result = {"error": str(exc)}
     print(json.dumps(result), flush=True)

@@ -178,13 +178,39 @@ def test_only_the_row_of_the_engine_that_scored_keeps_the_sentences(peers, monke
     from types import SimpleNamespace
 
     monkeypatch.setattr(peers, "wait_for_idle", lambda *a: 0.5)
-    monkeypatch.setattr(peers, "measure_one", lambda *a: {"latency_p50": 1.0, "file_mb": 1.0, "peak_mb": 1.0, "share_mb": 1.0})
+    figures = {"latency_p50": 1.0, "file_mb": 1.0, "peak_mb": 1.0, "share_mb": 1.0}
+    monkeypatch.setattr(peers, "measure_process", lambda *a: {b: figures for b in peers.BATCHES})
     variant = next(v for v in peers.ALL_VARIANTS if v.key == "ours-mp23")
-    args = SimpleNamespace(deadline=None, repeats=1, idle_cpu=1.0, max_wait=0)
+    args = SimpleNamespace(deadline=None, repeats=1, bert_base_repeats=1, idle_cpu=1.0, max_wait=0)
     rows = []
     peers.measure_variants("minilm", [variant], {"ours-mp23": None}, args,
                            {"ours-mp23": {"accuracy": 0.5, "correct": "10"}}, rows)
     assert [(r["engine"], r["accuracy"], r.get("correct")) for r in rows] == [("ort", 0.5, "10"), ("ort-custom", 0.5, None)]
+
+
+def test_one_process_per_repeat_measures_every_batch(peers, monkeypatch):
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake(variant, engine, path, args):
+        calls.append(engine)
+        return {b: {"latency_p50": float(b * len(calls)), "file_mb": 1.0, "peak_mb": 2.0, "share_mb": 1.0} for b in peers.BATCHES}
+
+    monkeypatch.setattr(peers, "wait_for_idle", lambda *a: 0.5)
+    monkeypatch.setattr(peers, "measure_process", fake)
+    variant = next(v for v in peers.ALL_VARIANTS if v.key == "ort-int8")
+    args = SimpleNamespace(deadline=None, repeats=3, bert_base_repeats=2, idle_cpu=1.0, max_wait=0)
+    for model, n in (("minilm", 3), ("bert-base", 2)):
+        calls.clear()
+        rows = []
+        peers.measure_variants(model, [variant], {"ort-int8": None}, args, {}, rows)
+        assert calls == ["plain-ort"] * n and len(rows[0]["loadavg"]) == n
+        assert rows[0]["figures"]["b8"]["latency_p50"] == peers.spread([8.0 * (i + 1) for i in range(n)])
+
+
+def test_timed_runs_per_batch_and_engine(peers):
+    assert [peers.timed_runs(e, b, 10) for e in ("ort", "ort-custom") for b in (1, 8)] == [10, 3, 2, 2]
 
 
 def test_targets_without_int8(peers):
@@ -319,3 +345,15 @@ def test_accuracy_plots_draw_95_percent_intervals_from_the_sentences(peers, tmp_
     assert peers.plot(rows, tmp_path)[:2] == ["peers_acc_size.png", "peers_acc_dram.png"]
     expected = [(0.8, 1.96 * (0.8 * 0.2 / 400) ** 0.5), (0.5, 1.96 * (0.25 / 400) ** 0.5)]
     assert bars == expected * 2  # both plots, one bar per row with sentences
+
+
+def test_torch_child_measures_each_batch_in_one_process(peers, tmp_path, monkeypatch):
+    import torch
+    from conftest import make_tiny_bert
+
+    monkeypatch.setattr(peers, "SEQ_LEN", 16)  # the tiny BERT's positions
+    path = tmp_path / "tiny.pth"
+    torch.save(make_tiny_bert(), path)
+    small, big = peers.measure_torch(path, [(1, 2), (4, 2)], warmup=1, threads=1)
+    assert small["file_mb"] == big["file_mb"] == path.stat().st_size / 1e6
+    assert big["peak_mb"] >= small["peak_mb"] > small["share_mb"] > 0 and small["latency_p50"] > 0

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--warmup", type=float, default=d.warmup)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="batches in a plain shuffle (default: texts of similar length together, ~1.8x faster)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (quick run)")
     p.add_argument("--limit", type=int, default=None, help="train on a seeded sample of N rt:train examples (quick run)")
     p.add_argument("--out", type=Path, default=None, help="model directory (default: the cache dir)")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = ReferenceRecipe(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         seed=args.seed, warmup=args.warmup, weight_decay=args.weight_decay,
-        max_steps=args.max_steps, limit=args.limit,
+        group_by_length=args.group_by_length, max_steps=args.max_steps, limit=args.limit,
     )
     try:
         info = train_reference(recipe, out_dir=args.out, progress=not args.no_progress)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from qbert_edge.data import Dataset, Example, load_data, subsets, torch_batches
+from qbert_edge.data import Dataset, Example, batch_order, length_grouped_order, load_data, subsets, torch_batches
 from qbert_edge.errors import QbertEdgeError
 
 # --------------------------------------------------------------------------- rt
@@ -199,6 +199,43 @@ def test_torch_batches_shapes_and_shuffle(tiny_tokenizer, tiny_texts):
     assert first_tokens(True, seed=1) == first_tokens(True, seed=1)
     assert sorted(first_tokens(True, seed=1)) == sorted(plain)
     assert len({tuple(first_tokens(True, seed=s)) for s in range(4)} | {tuple(plain)}) > 2
+
+
+def test_length_grouped_order_is_a_seeded_permutation_of_similar_length_batches():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 64) for _ in range(1000)]
+    order = length_grouped_order(lengths, 32, seed=5, window=10)
+    assert sorted(order) == list(range(1000)) and order == length_grouped_order(lengths, 32, seed=5, window=10)
+    assert order != length_grouped_order(lengths, 32, seed=6, window=10)
+
+    def padding(order):  # padded tokens when each batch is padded to its longest text
+        cuts = [order[i : i + 32] for i in range(0, len(order), 32)]
+        return sum(len(c) * max(lengths[r] for r in c) - sum(lengths[r] for r in c) for c in cuts)
+
+    assert padding(order) < padding(batch_order(1000, True, 5)) / 5
+    # the short batch (1000 = 31 x 32 + 8) stays last, so cutting every 32 gives the grouped batches
+    spans = [max(lengths[r] for r in order[i : i + 32]) - min(lengths[r] for r in order[i : i + 32]) for i in range(0, 992, 32)]
+    assert sum(span > 12 for span in spans) <= 1 and len(order[992:]) == 8  # 1000 = 3 windows of 320 + 40
+    # window 1: sorted within each batch only, so the batches hold the plain shuffle's examples
+    assert sorted(map(sorted, (length_grouped_order(lengths, 32, 5, window=1)[i : i + 32] for i in range(0, 992, 32)))) == \
+        sorted(map(sorted, (batch_order(1000, True, 5)[i : i + 32] for i in range(0, 992, 32))))
+    with pytest.raises(QbertEdgeError, match="at least 1"):
+        length_grouped_order(lengths, 0, seed=0)
+
+
+def test_torch_batches_grouped_by_length_pad_less(tiny_tokenizer):
+    texts = ["good", "the film is a long and winding road to nowhere at all", "fine", "bad movie",
+             "a story about people who talk and talk for a long time", "ok"] * 4
+    data = Dataset("mixed", tuple(Example(t, i % 2) for i, t in enumerate(texts)), ("neg", "pos"))
+
+    def padded(group):
+        batches = list(torch_batches(data, tiny_tokenizer, 4, 32, shuffle=True, seed=3, group_by_length=group))
+        assert sorted(int(t) for b in batches for t in b["labels"]) == sorted(e.label for e in data.examples)
+        return sum(b["input_ids"].numel() for b in batches)
+
+    assert padded(True) < 0.8 * padded(False)
 
 
 def test_torch_batches_truncates_to_max_length(tiny_tokenizer, caplog):

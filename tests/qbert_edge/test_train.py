@@ -84,3 +84,12 @@ def test_linear_schedule_shape():
     assert values[0] > 0 and values[2] == 1.0 and values[-1] > 0
     assert values == sorted(values[:3]) + sorted(values[3:], reverse=True)
     assert linear_schedule(10, 10, 2) == 0.0
+
+
+def test_length_grouped_batches_train_repeatably_and_are_recorded():
+    _, plain = _run(epochs=2)
+    m1, r1 = _run(epochs=2, group_by_length=True)
+    m2, r2 = _run(epochs=2, group_by_length=True)
+    assert r1.losses == r2.losses and r1.losses != plain.losses  # other batches, the same every time
+    assert r1.config.to_dict()["group_by_length"] and not plain.config.to_dict()["group_by_length"]
+    assert r1.steps == plain.steps

@@ -12,7 +12,8 @@ from qbert_edge.errors import QbertEdgeError
 from qbert_edge.runtime import budget
 from qbert_edge.runtime.loader import load_graph
 from qbert_edge.runtime.memory import (
-    FORMAT, MeasureConfig, ModelDims, activation_bytes, measure, model_dims, percentile, proc_status, static_bytes,
+    FORMAT, MeasureConfig, ModelDims, activation_bytes, measure, measure_series, model_dims, percentile, proc_status,
+    static_bytes,
 )
 
 
@@ -77,6 +78,21 @@ def test_measure_in_a_fresh_process(tiny_path, backend):
     assert r["static_mb"]["total"] > 0
     # a 5 KB model costs the runtime's own overhead and nothing more (item 4 of the budget)
     assert rss["model_share"] < budget.MAX_RUNTIME_MB
+
+
+def test_measure_series_loads_once_and_reports_each_batch(tiny_path):
+    config = MeasureConfig(tiny_path, backend="ort", seq_len=8, warmup=1)
+    small, big = measure_series(config, [(1, 3), (16, 2)])
+    assert (small["batch"], small["runs"], small["preceded_by"]) == (1, 3, [])
+    assert (big["batch"], big["runs"], big["preceded_by"]) == (16, 2, [1])
+    assert big["activations_mb"] > small["activations_mb"]
+    assert small["load_s"] == big["load_s"]  # one process, one load
+    assert small["rss_mb"]["baseline"] == big["rss_mb"]["baseline"]
+    assert big["rss_mb"]["peak"] >= small["rss_mb"]["peak"]  # the high-water mark covers the steps before
+    with pytest.raises(QbertEdgeError, match="runs"):
+        measure_series(config, [(1, 0)])
+    with pytest.raises(QbertEdgeError, match="no"):
+        measure_series(config, [])
 
 
 def test_measure_reports_child_errors(tmp_path):
