@@ -79,7 +79,7 @@ from qbert_edge.plan import CLIPS
 
 FORMAT = "qbert-edge/benchmark-peers"
 VERSION = 2
-#: ``<workdir>/accuracy.json``: per file ``{"accuracy", "correct"}`` (v1: the accuracy alone)
+#: ``accuracy.json`` beside the MiniLM files: per file ``{"accuracy", "correct"}`` (v1: the accuracy alone)
 ACCURACY_CACHE_VERSION = 2
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 8)
@@ -217,6 +217,17 @@ def ensure_reference() -> None:
         subprocess.run([sys.executable, str(ROOT / "models" / "minilm-rt" / "recipe.py")], check=True)
 
 
+def reference_folder() -> str:
+    """``minilm-rt-<8 hex>``, named by the ``reference.json`` of the fine-tuned classifier in the
+    cache: every MiniLM file is made from that classifier, so a classifier fine-tuned again (another
+    recipe, another machine's cache) gets fresh files instead of the old one's."""
+    import hashlib
+
+    from qbert_edge.reference import MARKER, cache_dir
+
+    return "minilm-rt-" + hashlib.sha1((cache_dir() / MARKER).read_bytes()).hexdigest()[:8]
+
+
 def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: float = 5e-5,
           high_layers: int = 2, directq: frozenset[str] = frozenset(), until: float | None = None,
           distill=None, steps_for: dict[str, int] | None = None, distill_keys: frozenset[str] | None = None,
@@ -231,10 +242,12 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
     :class:`qbert_edge.distill.DistillConfig`) makes every QAT row distil from the fp32 model, or
     only the keys in ``distill_keys`` if given. ``clip`` chooses the group ranges of ours (``mse``:
     narrowed to the least squared error, :func:`qbert_edge.quant.mse_shrink`); ``seed`` is the QAT seed.
-    ``workers`` models of ours are built at a time (:func:`peer_models.quantize_many`)."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    ``workers`` models of ours are built at a time (:func:`peer_models.quantize_many`). MiniLM's
+    files go to a folder of ``workdir`` named after the fine-tuned classifier (:func:`reference_folder`)."""
     if model == "minilm":
         ensure_reference()
+        workdir = workdir / reference_folder()
+    workdir.mkdir(parents=True, exist_ok=True)
     source = "minilm-rt" if model == "minilm" else build_bert_base(workdir)
     from qbert_edge.loading import load_model
     from qbert_edge.qmodel import quantizable_shapes
@@ -319,12 +332,17 @@ def correctness(variant: Variant, path: Path, batches: list[dict], threads: int)
 def cached_accuracy(variant: Variant, path: Path, batches: list[dict], threads: int, cache: Path) -> dict:
     """``{"accuracy": float, "correct": "0110..."}`` of one variant (:func:`correctness`, one
     character per sentence), remembered in ``cache`` per file (name, size and mtime) across runs.
-    A cache of another format or version (v1 held the accuracy alone) is started afresh."""
+    A cache of another format or version (v1 held the accuracy alone) or one that cannot be read is
+    started afresh."""
     from qbert_edge.fileio import write_json
 
     fresh = {"format": FORMAT + "-accuracy", "version": ACCURACY_CACHE_VERSION, "files": {}}
-    data = json.loads(cache.read_text()) if cache.is_file() else fresh
-    if (data.get("format"), data.get("version")) != (fresh["format"], fresh["version"]):
+    try:
+        data = json.loads(cache.read_text()) if cache.is_file() else fresh
+    except (ValueError, OSError) as exc:  # a cache: a damaged one costs a re-score, not the run
+        log.warning("%s: unreadable (%s), starting afresh", cache, exc)
+        data = fresh
+    if not isinstance(data, dict) or (data.get("format"), data.get("version")) != (fresh["format"], fresh["version"]):
         log.info("%s: not a v%d accuracy cache, starting afresh", cache, ACCURACY_CACHE_VERSION)
         data = fresh
     stat = path.stat()
@@ -888,7 +906,7 @@ def main(argv: list[str] | None = None) -> None:
             batches = dev_batches(load_model("minilm-rt").tokenizer)
             for v in variants:
                 if v.key in paths:
-                    acc[v.key] = cached_accuracy(v, paths[v.key], batches, args.threads, args.workdir / "accuracy.json")
+                    acc[v.key] = cached_accuracy(v, paths[v.key], batches, args.threads, paths[v.key].parent / "accuracy.json")
                     log.info("accuracy %s: %.4f", v.key, acc[v.key]["accuracy"])
         t2 = time.time()
         measure_variants(model, variants, paths, args, acc, rows, notes[model])

@@ -2,6 +2,7 @@
 no model is built."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -357,3 +358,26 @@ def test_torch_child_measures_each_batch_in_one_process(peers, tmp_path, monkeyp
     small, big = peers.measure_torch(path, [(1, 2), (4, 2)], warmup=1, threads=1)
     assert small["file_mb"] == big["file_mb"] == path.stat().st_size / 1e6
     assert big["peak_mb"] >= small["peak_mb"] > small["share_mb"] > 0 and small["latency_p50"] > 0
+
+
+def test_a_damaged_accuracy_cache_is_started_afresh(peers, tmp_path, monkeypatch):
+    import numpy as np
+
+    cache, model = tmp_path / "accuracy.json", tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    monkeypatch.setattr(peers, "correctness", lambda *a: np.array([True, False]))
+    for damaged in ('{"format": ', "[1, 2]"):
+        cache.write_text(damaged)
+        assert peers.cached_accuracy(peers.ALL_VARIANTS[0], model, [], 1, cache) == {"accuracy": 0.5, "correct": "10"}
+        assert json.loads(cache.read_text())["version"] == peers.ACCURACY_CACHE_VERSION
+
+
+def test_minilm_files_live_in_a_folder_named_by_the_classifier(peers, tmp_path, monkeypatch):
+    monkeypatch.setenv("QBERT_EDGE_CACHE", str(tmp_path))
+    marker = tmp_path / "minilm-rt" / "reference.json"
+    marker.parent.mkdir()
+    marker.write_text('{"dev": {"accuracy": 0.81}}')
+    first = peers.reference_folder()
+    assert first.startswith("minilm-rt-") and first == peers.reference_folder()
+    marker.write_text('{"dev": {"accuracy": 0.83}}')  # fine-tuned again
+    assert peers.reference_folder() != first
