@@ -64,10 +64,10 @@ def run_one(key: str, steps: int, kd: bool, args) -> tuple[dict, dict]:
                                high_layers=args.high_layers, distill=distill, clip=args.clip, seed=args.seed)
     built = time.time() - t0
     batches = peers.dev_batches(load_model("minilm-rt").tokenizer)
-    cache = args.workdir / "accuracy.json"
+    cache = paths[key].parent / "accuracy.json"  # peers.py's, beside the files
     variants = {v.key: v for v in peers.ALL_VARIANTS}
-    acc = peers.cached_accuracy(variants[key], paths[key], batches, args.threads, cache)
-    refs = {r: {"accuracy": peers.cached_accuracy(variants[r], paths[r], batches, args.threads, cache),
+    acc = peers.cached_accuracy(variants[key], paths[key], batches, args.threads, cache)["accuracy"]
+    refs = {r: {"accuracy": peers.cached_accuracy(variants[r], paths[r], batches, args.threads, cache)["accuracy"],
                 "file_mb": round(paths[r].stat().st_size / 1e6, 2)} for r in REFERENCES}
     pt = paths[key].with_suffix(".pt")
     training = _training_meta(pt)

@@ -68,3 +68,29 @@ def test_rows_with_mse_ranges_or_a_seed_name_them_and_their_peers_flags(distill)
     assert distill.peers_flags(row) == "--steps-for ours-mp24-e2=240 --lr 5e-05 --clip mse --seed 2"
     old = {"key": "ours-mp24-e2", "qat_steps": 240, "lr": 5e-5, "distill": None}  # a row from before clip and seed
     assert distill._ranges(old) == "" and distill.peers_flags(old) == "--steps-for ours-mp24-e2=240 --lr 5e-05"
+
+
+def test_run_one_scores_from_the_accuracy_cache_beside_the_files(distill, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    folder = tmp_path / "minilm-rt-0123abcd"
+    folder.mkdir()
+    paths = {k: folder / f"{k}.onnx" for k in ("ours-w4-e4", *distill.REFERENCES)}
+    for p in paths.values():
+        p.write_bytes(b"x" * 1000)
+    caches = []
+
+    def scored(variant, path, batches, threads, cache):
+        caches.append(cache)
+        return {"accuracy": 0.8, "correct": "10"}
+
+    monkeypatch.setattr(distill.peers, "build", lambda *a, **k: (paths, {"ours-w4-e4": "w4"}))
+    monkeypatch.setattr(distill.peers, "dev_batches", lambda tokenizer: [])
+    monkeypatch.setattr(distill.peers, "cached_accuracy", scored)
+    monkeypatch.setattr("qbert_edge.loading.load_model", lambda name: SimpleNamespace(tokenizer=None))
+    args = SimpleNamespace(workdir=tmp_path, lr=5e-5, high_layers=2, clip="minmax", seed=0, threads=1,
+                           distill_alpha=0.5, distill_temperature=2.0, distill_hidden=0.0,
+                           argv_for=lambda key, steps, kd: [f"{key}:{steps}"])
+    row, refs = distill.run_one("ours-w4-e4", 80, False, args)
+    assert row["accuracy"] == 0.8 and refs["ort-int8"] == {"accuracy": 0.8, "file_mb": 0.0}
+    assert set(caches) == {folder / "accuracy.json"}
