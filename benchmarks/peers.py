@@ -40,7 +40,7 @@ for it to fall made a full run take hours.) Accuracy is one pass over ``rt:dev``
 (``qbert-edge/benchmark-peers`` v2), ``peers.md`` and three PNGs to ``--out``. Measuring stops
 ``--time-limit`` s after the start (default 55 min, so one command stays under an hour; the rows
 the targets need are measured first and the report says PARTIAL). It does not train the fp32
-classifier itself (on a fresh clone it runs ``python models/minilm-rt/recipe.py`` first, ~20 min
+classifier itself (on a fresh clone it runs ``python models/minilm-rt/recipe.py`` first, ~10 min
 on 2 cores) and does not judge the figures: the issue-8 target checks and the slower-by table in
 ``peers.md`` are computed from the rows.
 """
@@ -213,7 +213,7 @@ def ensure_reference() -> None:
     from qbert_edge.reference import MARKER, RECIPE_COMMAND, cache_dir
 
     if not (cache_dir() / MARKER).is_file():
-        log.info("no fine-tuned minilm-rt yet: running %s (~20 min on 2 cores)", RECIPE_COMMAND)
+        log.info("no fine-tuned minilm-rt yet: running %s (~10 min on 2 cores)", RECIPE_COMMAND)
         subprocess.run([sys.executable, str(ROOT / "models" / "minilm-rt" / "recipe.py")], check=True)
 
 

@@ -97,7 +97,7 @@ def reference_dir(path: str | Path | None = None) -> Path:
     path = Path(path) if path is not None else cache_dir()
     if not (path / MARKER).is_file():
         raise QbertEdgeError(
-            f"{NAME}: no reference model in {path}; build it (~20 min on 2 cores) with: {RECIPE_COMMAND}"
+            f"{NAME}: no reference model in {path}; build it (~10 min on 2 cores) with: {RECIPE_COMMAND}"
         )
     read_json(path / MARKER, REFERENCE_FORMAT, REFERENCE_VERSION)
     return path

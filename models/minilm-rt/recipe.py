@@ -1,6 +1,6 @@
 """Recipe of the reference classifier ``minilm-rt``: all-MiniLM-L6-v2 fine-tuned on ``rt:train``.
 
-    python models/minilm-rt/recipe.py                  # the reference (~20 min on 2 cores)
+    python models/minilm-rt/recipe.py                  # the reference (~10 min on 2 cores)
     python models/minilm-rt/recipe.py --max-steps 20   # a quick check (-> minilm-rt-quick)
 
 Writes the model to ``${QBERT_EDGE_CACHE:-~/.cache/qbert-edge}/minilm-rt/`` and, for the full

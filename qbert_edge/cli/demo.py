@@ -39,7 +39,7 @@ def _step(args: list[str]) -> None:
 def command(out_dir, model, scheme, qat_steps, backend) -> None:
     """Run analyze -> allocate -> quantize -> export -> run -> eval -> measure on the reference model.
 
-    The first run on a machine fine-tunes the reference classifier minilm-rt (about 20 minutes on
+    The first run on a machine fine-tunes the reference classifier minilm-rt (about 10 minutes on
     2 cores, cached under ~/.cache/qbert-edge); later runs take a few minutes.
     """
     out = Path(out_dir)
@@ -51,7 +51,7 @@ def command(out_dir, model, scheme, qat_steps, backend) -> None:
         try:
             reference_dir()
         except QbertEdgeError:
-            click.secho("minilm-rt is not on this machine yet: fine-tuning it once (about 20 min on 2 cores)", bold=True)
+            click.secho("minilm-rt is not on this machine yet: fine-tuning it once (about 10 min on 2 cores)", bold=True)
             from qbert_edge.reference import train_reference
 
             train_reference()
