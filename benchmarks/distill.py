@@ -64,7 +64,7 @@ def run_one(key: str, steps: int, kd: bool, args) -> tuple[dict, dict]:
                                high_layers=args.high_layers, distill=distill, clip=args.clip, seed=args.seed)
     built = time.time() - t0
     batches = peers.dev_batches(load_model("minilm-rt").tokenizer)
-    cache = paths[key].parent / "accuracy.json"  # peers.py's, beside the files
+    cache = peers.accuracy_cache(paths[key])
     variants = {v.key: v for v in peers.ALL_VARIANTS}
     acc = peers.cached_accuracy(variants[key], paths[key], batches, args.threads, cache)["accuracy"]
     refs = {r: {"accuracy": peers.cached_accuracy(variants[r], paths[r], batches, args.threads, cache)["accuracy"],
@@ -74,7 +74,7 @@ def run_one(key: str, steps: int, kd: bool, args) -> tuple[dict, dict]:
     if training and training.get("steps") not in (None, steps):
         raise SystemExit(f"{pt.name}: asked for {steps} QAT steps, the file says {training['steps']} were run")
     row = {"key": key, "label": peers.OURS[key].label, "plan": notes.get(key), "qat_steps": steps, "lr": args.lr,
-           "clip": args.clip, "seed": args.seed,
+           "clip": args.clip, "seed": args.seed, "group_by_length": True,  # peers' QAT (peer_models.quantize_ours)
            "distill": distill.to_dict() if distill else None, "accuracy": acc,
            "file_mb": round(paths[key].stat().st_size / 1e6, 2), "file": paths[key].name,
            "build_s": round(built), "build_and_score_s": round(time.time() - t0), "training": training,

@@ -191,7 +191,7 @@ def quantize_ours(source: str | Path, out: Path, plan, qat_steps: int = 0, lr: f
             log.info("QAT %s, %d steps at lr %g%s -> %s", scheme, qat_steps, lr, kd, out.name)
             epochs = math.ceil(qat_steps / math.ceil(len(train) / 32))  # max_steps only stops early
             result = qat_quantize(loaded, plan, train, epochs=epochs, max_steps=qat_steps, lr=lr, progress=False,
-                                  distill=distill, seed=seed)
+                                  distill=distill, seed=seed, group_by_length=True)  # as plan_digest says
         else:
             log.info("DirectQ %s -> %s", scheme, out.name)
             calib = subsets(train, 1, 64 / len(train), 0)[0]

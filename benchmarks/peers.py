@@ -329,6 +329,11 @@ def correctness(variant: Variant, path: Path, batches: list[dict], threads: int)
     return np.concatenate(logits).argmax(-1) == labels
 
 
+def accuracy_cache(path: Path) -> Path:
+    """The accuracy cache of a model file: ``accuracy.json`` beside it (one per classifier's folder)."""
+    return path.parent / "accuracy.json"
+
+
 def cached_accuracy(variant: Variant, path: Path, batches: list[dict], threads: int, cache: Path) -> dict:
     """``{"accuracy": float, "correct": "0110..."}`` of one variant (:func:`correctness`, one
     character per sentence), remembered in ``cache`` per file (name, size and mtime) across runs.
@@ -397,7 +402,8 @@ def torch_child(config: dict) -> dict:
                     lat.append((time.perf_counter() - t) * 1e3)
         del feeds
         peak = proc_status()["VmHWM"]
-        steps.append({"latency_p50": float(np.percentile(lat, 50)), "peak": peak, "model_share": peak - base["VmRSS"]})
+        steps.append({"batch": batch, "runs": len(lat), "latency_p50": float(np.percentile(lat, 50)), "peak": peak,
+                      "model_share": peak - base["VmRSS"]})
     return {"load_s": load_s, "steps": steps}
 
 
@@ -411,8 +417,11 @@ def measure_torch(path: Path, steps: list[tuple[int, int]], warmup: int, threads
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{path}: torch child failed: {proc.stderr.strip().splitlines()[-1:]}")
+    done = json.loads(lines[-1])["steps"]
+    if [(s["batch"], s["runs"]) for s in done] != [tuple(step) for step in steps]:
+        raise RuntimeError(f"{path}: torch child ran {[(s['batch'], s['runs']) for s in done]}, not {steps}")
     return [{"latency_p50": step["latency_p50"], "file_mb": path.stat().st_size / MB, "peak_mb": step["peak"] / MB,
-             "share_mb": step["model_share"] / MB} for step in json.loads(lines[-1])["steps"]]
+             "share_mb": step["model_share"] / MB} for step in done]
 
 
 def timed_runs(engine: str, batch: int, runs: int) -> int:
@@ -425,8 +434,7 @@ def timed_runs(engine: str, batch: int, runs: int) -> int:
 def measure_process(variant: Variant, engine: str, path: Path, args) -> dict[int, dict]:
     """Every batch of :data:`BATCHES` in one fresh process, smallest first: per batch the p50
     latency, file size, peak RSS and model share (MB). Peak RSS never falls, so the batch-1
-    figures are a fresh process's and the batch-8 ones cover batch 1 too (1-2 MB above a fresh
-    batch-8 process, :data:`NOTES`)."""
+    figures are a fresh process's and the batch-8 ones cover batch 1 too (:data:`NOTES`)."""
     steps = [(batch, timed_runs(engine, batch, args.runs)) for batch in BATCHES]
     warmup = 1 if engine == "ort-custom" else args.warmup
     if engine == "torch":
@@ -702,8 +710,9 @@ NOTES = [
     "  far slower (the factors are in the slower-by table); it is timed in one process with few runs",
     "  (a fifth of `--runs`, one warm-up), so its figures are the noisiest here.",
     "- Each process runs batch 1, then batch 8 (one load). Peak RSS never falls, so the batch-8 peak also covers",
-    "  batch 1: on five models (MiniLM and BERT-base, plain ORT int8, `ort`, `ort-custom`) it was 0.6-1.9 MB",
-    "  above the peak of a fresh process that ran batch 8 alone. The batch-1 figures are exactly a fresh process's.",
+    "  batch 1: on five models (MiniLM and BERT-base, plain ORT int8, `ort`, `ort-custom`) it was 0.1-1.9 MB",
+    "  above the peak of a fresh process that ran batch 8 alone (`benchmarks/series_peak.py`, results/peers/",
+    "  series_peak.md). The batch-1 figures are exactly a fresh process's.",
     "- Every model share includes onnxruntime's model-independent cost (library pages, session structures,",
     "  thread pools; 14-16 MB measured in docs/runtime.md) and the activations, so a 7 MB file cannot have a",
     "  7 MB share; our 2-bit layers also get 4-bit copies at accuracy_level 0 (above).",
@@ -906,7 +915,7 @@ def main(argv: list[str] | None = None) -> None:
             batches = dev_batches(load_model("minilm-rt").tokenizer)
             for v in variants:
                 if v.key in paths:
-                    acc[v.key] = cached_accuracy(v, paths[v.key], batches, args.threads, paths[v.key].parent / "accuracy.json")
+                    acc[v.key] = cached_accuracy(v, paths[v.key], batches, args.threads, accuracy_cache(paths[v.key]))
                     log.info("accuracy %s: %.4f", v.key, acc[v.key]["accuracy"])
         t2 = time.time()
         measure_variants(model, variants, paths, args, acc, rows, notes[model])

@@ -136,7 +136,8 @@ def run_row(row: Row, args) -> dict:
             loaded = direct_quantize(loaded, plan, torch_batches(calib, loaded.tokenizer, 32, args.max_length))
         else:
             loaded = qat_quantize(loaded, plan, train, epochs=1, lr=args.lr, batch_size=32, max_length=args.max_length,
-                                  seed=args.seed, max_steps=args.qat_steps, progress=not args.quiet)
+                                  seed=args.seed, max_steps=args.qat_steps, progress=not args.quiet,
+                                  group_by_length=args.group_by_length)
     metrics, _ = evaluate_torch(loaded.model, dev, loaded.tokenizer, batch_size=64, max_length=args.max_length)
     return {
         "key": row.key, "table": row.table, "label": row.label, "method": row.method,
@@ -144,6 +145,7 @@ def run_row(row: Row, args) -> dict:
         "avg_encoder_bits": plan.weight_bits(shapes) if plan else 32.0,
         **sizes(plan, shapes), "seconds": round(time.perf_counter() - start, 1),
         "qat_steps": args.qat_steps if row.method == "qat" else None,
+        "group_by_length": args.group_by_length if row.method == "qat" else None,
     }
 
 
@@ -241,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--high-layers", type=int, default=2, help="Layers at the higher width in the MP rows.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group-by-length", action="store_true",
+                   help="QAT batches of texts of similar length (faster; the committed rows used plain shuffled batches).")
     p.add_argument("--fresh", action="store_true", help="Forget earlier results.")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--budget-rows", nargs="*", default=[],
@@ -260,7 +264,7 @@ def main(argv=None) -> int:
     results["command"] = "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     results["settings"] = {"qat_steps": args.qat_steps, "lr": args.lr, "max_length": args.max_length,
-                           "high_layers": args.high_layers, "seed": args.seed}
+                           "high_layers": args.high_layers, "seed": args.seed, "group_by_length": args.group_by_length}
     results["planned"] = [r.key for r in plan_rows]
     done = {r["key"] for r in results["rows"]}
     for row in plan_rows:

@@ -270,6 +270,7 @@ def measure_series(config: MeasureConfig, steps: Sequence[tuple[int, int]]) -> l
     from qbert_edge.runtime import backends
     from qbert_edge.runtime.loader import load_graph
 
+    steps = [(int(batch), int(runs)) for batch, runs in steps]
     if not steps:
         raise QbertEdgeError("measure_series: no (batch, runs) steps given")
     for batch, runs in steps:
@@ -283,6 +284,9 @@ def measure_series(config: MeasureConfig, steps: Sequence[tuple[int, int]]) -> l
     native_4bit = native_4bit_bytes(graph, options.accuracy_level, options.widen_2bit) if backend == "ort" else 0
     del graph
     child = _run_child(config, steps)
+    done = [(step["batch"], len(step["latency_ms"])) for step in child["steps"]]
+    if done != steps:
+        raise QbertEdgeError(f"{config.model}: the measuring process ran {done}, not the steps asked for {steps}")
     host = {
         "machine": platform.machine(),
         "emulated": emulated(),
@@ -434,7 +438,7 @@ def _child(config: MeasureConfig, steps: Sequence[tuple[int, int]]) -> dict:
             run(feeds)
             latencies.append((time.perf_counter() - t0) * 1e3)
         del feeds
-        out.append({"rss": _rss(base, loaded, proc_status()), "latency_ms": latencies})
+        out.append({"batch": batch, "rss": _rss(base, loaded, proc_status()), "latency_ms": latencies})
     return {"steps": out, "load_s": load_s, "threads": threads, "options": options}
 
 

@@ -45,11 +45,7 @@ def encode(
     pad_id: int | None = None,
 ) -> Encoded:
     """Tokenize ``texts`` (and optional second segments ``pairs``) into padded int64 arrays."""
-    if pairs is not None and len(pairs) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(pairs)} text pairs")
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+    inputs = _inputs(tokenizer, texts, pairs)
     encs = tokenizer.encode_batch(inputs)
     truncated = sum(len(e.ids) > max_length for e in encs)
     if truncated:
@@ -68,6 +64,20 @@ def encode(
         mask[i, :n] = 1
         types[i, :n] = e.type_ids
     return Encoded({"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, truncated)
+
+
+def token_counts(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None, max_length: int = 128) -> list[int]:
+    """The number of tokens :func:`encode` gives each text (pair), without padding anything."""
+    return [min(len(e.ids), max_length) for e in tokenizer.encode_batch(_inputs(tokenizer, texts, pairs))]
+
+
+def _inputs(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None) -> list:
+    """``encode_batch`` inputs (texts or ``(text, pair)`` tuples); padding and truncation switched off."""
+    if pairs is not None and len(pairs) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(pairs)} text pairs")
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return list(texts) if pairs is None else list(zip(texts, pairs))
 
 
 def _pad_id(tokenizer) -> int:

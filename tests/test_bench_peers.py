@@ -102,6 +102,15 @@ def test_plan_digest_names_plan_and_method(peers):
     assert len({plan_digest(a), plan_digest(b), plan_digest(a, 80, 5e-5), plan_digest(a, 80, 2e-5)}) == 4
 
 
+def test_plan_digests_are_pinned(peers):
+    """A changed digest renames every cached file: DirectQ names must stay, QAT ones changed on
+    purpose when batches became length-grouped (before: bb1477e7)."""
+    from peer_models import plan_digest
+
+    a, _ = peers.ours_plan(peers.OURS["ours-w4"], _shapes(2), 2, None)
+    assert (plan_digest(a), plan_digest(a, 80, 5e-5)) == ("a2db9902", "bebb9af5")
+
+
 def test_pareto_and_spread(peers):
     assert peers.pareto([(1, 0.5), (2, 0.9), (3, 0.8)]) == [0, 1]
     assert peers.pareto([(1, 0.9), (2, 0.5)]) == [0]

@@ -62,6 +62,11 @@ def test_qat_from_a_directory(tmp_path, model_dir, data_csv):
     loaded = load_quantized(out)
     assert loaded.meta["method"] == "qat"
     assert len(loaded.meta["training"]["epoch_losses"]) == 1
+    assert loaded.meta["training"]["config"]["group_by_length"]  # the default
+    plain = tmp_path / "plain.pt"
+    main(["quantize", str(model_dir), "--bits", "2", "--groups", "2", "--data", str(data_csv), "--batch-size", "4",
+          "--epochs", "1", "--lr", "1e-3", "--no-group-by-length", "--max-steps", "1", "-o", str(plain)])
+    assert load_quantized(plain).meta["training"]["config"]["group_by_length"] is False
     w = torch.load(out, weights_only=True)["weights"]["encoder.layer.1.output.dense"]["codes"]
     assert int(w.max()) <= 3
 

@@ -250,3 +250,14 @@ def test_data_module_does_not_import_torch():
     code = "import sys, qbert_edge.data, qbert_edge.runtime.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_token_counts_match_what_encode_gives_texts_and_pairs(tiny_tokenizer):
+    from qbert_edge.runtime.text import encode, token_counts
+
+    texts = ["good film", "the film is a long and winding road", "ok"]
+    pairs = ["bad", "fine fine fine", "the end of it all"]
+    for p in (None, pairs):
+        for cut in (64, 6):
+            want = encode(tiny_tokenizer, texts, p, max_length=cut).arrays["attention_mask"].sum(1).tolist()
+            assert token_counts(tiny_tokenizer, texts, p, cut) == want

@@ -88,3 +88,23 @@ def test_quick_recipe_end_to_end(tmp_path):
 
     loaded = load_model(str(reference.reference_dir(tmp_path / "m")))
     assert tuple(loaded.labels) == ("negative", "positive")
+
+
+def test_recipe_script_groups_batches_by_length_unless_told(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "models" / "minilm-rt" / "recipe.py"
+    spec = importlib.util.spec_from_file_location("minilm_rt_recipe", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+
+    def fake_train(recipe, out_dir=None, progress=True):
+        seen.append(recipe.group_by_length)
+        return {"name": "minilm-rt", "dev": {"accuracy": 0.5, "macro_f1": 0.5, "examples": 2}, "train_seconds": 1.0}
+
+    monkeypatch.setattr(script, "train_reference", fake_train)
+    for extra in ([], ["--no-group-by-length"]):
+        assert script.main(["--max-steps", "1", "--out", str(tmp_path / "m"), *extra]) == 0
+    assert seen == [True, False] and reference.ReferenceRecipe().group_by_length

@@ -91,6 +91,25 @@ def test_measure_series_loads_once_and_reports_each_batch(tiny_path):
     assert big["rss_mb"]["peak"] >= small["rss_mb"]["peak"]  # the high-water mark covers the steps before
     with pytest.raises(QbertEdgeError, match="runs"):
         measure_series(config, [(1, 0)])
+    assert [r["batch"] for r in measure_series(config, ((b, 1) for b in (1, 2)))] == [1, 2]  # any iterable
+
+
+def test_measure_series_checks_what_the_child_ran(tiny_path, monkeypatch):
+    from qbert_edge.runtime import memory
+
+    real = memory._run_child
+
+    def one_step_short(config, steps):  # a child that ignored its last step
+        result = real(config, steps)
+        result["steps"] = result["steps"][:-1]
+        return result
+
+    config = MeasureConfig(tiny_path, backend="ort", seq_len=8, warmup=0)
+    real_steps = real(MeasureConfig(**{**config.__dict__, "backend": "ort"}), [(1, 2), (3, 1)])["steps"]
+    assert [(s["batch"], len(s["latency_ms"])) for s in real_steps] == [(1, 2), (3, 1)]  # the child ran each step
+    monkeypatch.setattr(memory, "_run_child", one_step_short)
+    with pytest.raises(QbertEdgeError, match="not the steps asked for"):
+        measure_series(config, [(1, 2), (3, 1)])
     with pytest.raises(QbertEdgeError, match="no"):
         measure_series(config, [])
 
