@@ -98,7 +98,7 @@ def _training_meta(pt: Path) -> dict | None:
 def peers_flags(row: dict) -> str:
     """The ``peers.py`` flags that build the same file as ``row`` (QAT budget, lr, distillation for this key only)."""
     key, kd = row["key"], row["distill"]
-    flags = [f"--steps-for {key}={row['qat_steps']}", f"--lr {row['lr']:g}"]
+    flags = [f"--steps-for {key}={row['qat_steps']}", f"--lr-for {key}={row['lr']:g}"]
     if row.get("clip", "minmax") != "minmax":
         flags.append(f"--clip {row['clip']}")
     if row.get("seed"):

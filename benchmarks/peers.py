@@ -162,6 +162,7 @@ ALL_VARIANTS = tuple(PEERS + [Variant(k, v.label, "ours", "onnx", OUR_ENGINES) f
 RECIPE = {
     "qat_steps": 80,
     "steps_for": ("ours-mp24-e2=240",),
+    "lr_for": (),
     "distill": ("ours-mp24-e2",),
     "distill_alpha": 0.5,
     "distill_temperature": 2.0,
@@ -231,14 +232,14 @@ def reference_folder() -> str:
 def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: float = 5e-5,
           high_layers: int = 2, directq: frozenset[str] = frozenset(), until: float | None = None,
           distill=None, steps_for: dict[str, int] | None = None, distill_keys: frozenset[str] | None = None,
-          clip: str = "minmax", seed: int = 0, workers: int = 1) -> tuple[dict[str, Path], dict[str, str]]:
+          clip: str = "minmax", seed: int = 0, workers: int = 1, lr_for: dict[str, float] | None = None) -> tuple[dict[str, Path], dict[str, str]]:
     """The files of ``model`` (``minilm`` or ``bert-base``) for the variants ``keys`` (ORT fp32
     always: the other ONNX peers are made from it), built once in ``workdir``, and a plan note per
     variant of ours. Ours on MiniLM: QAT for ``qat_steps`` steps at ``lr`` (0, or a key in
     ``directq``: DirectQ), MP high layers by the Hessian (:data:`SENSITIVITY`); on BERT-base
     (random weights): DirectQ, MP high layers the first half. Ours are built in :data:`PRIORITY`
     order; after the time ``until`` (epoch s) no new one is started (already built ones are used).
-    ``steps_for`` overrides ``qat_steps`` per key; ``distill`` (a
+    ``steps_for`` overrides ``qat_steps`` per key, ``lr_for`` the learning rate; ``distill`` (a
     :class:`qbert_edge.distill.DistillConfig`) makes every QAT row distil from the fp32 model, or
     only the keys in ``distill_keys`` if given. ``clip`` chooses the group ranges of ours (``mse``:
     narrowed to the least squared error, :func:`qbert_edge.quant.mse_shrink`); ``seed`` is the QAT seed.
@@ -273,10 +274,11 @@ def build(model: str, workdir: Path, keys: set[str], qat_steps: int = 0, lr: flo
         plan, note = ours_plan(OURS[key], shapes, layers, sens, high_layers, clip)
         n = 0 if key in directq or model != "minilm" else (steps_for or {}).get(key, steps)
         kd = distill if n and (distill_keys is None or key in distill_keys) else None
-        name = f"{model}-{key}-{'qat%d' % n if n else 'dq'}{'kd' if kd else ''}-{plan_digest(plan, n, lr, kd, seed)}"
-        jobs[key] = {"out": workdir / f"{name}.pt", "plan": plan, "qat_steps": n, "lr": lr, "distill": kd, "seed": seed}
+        rate = (lr_for or {}).get(key, lr)
+        name = f"{model}-{key}-{'qat%d' % n if n else 'dq'}{'kd' if kd else ''}-{plan_digest(plan, n, rate, kd, seed)}"
+        jobs[key] = {"out": workdir / f"{name}.pt", "plan": plan, "qat_steps": n, "lr": rate, "distill": kd, "seed": seed}
         notes[key] = note + ("; DirectQ" if model == "minilm" and not n else "") + (
-            f"; QAT {n} steps" if n and n != steps else "") + (
+            f"; QAT {n} steps" if n and n != steps else "") + (f" at lr {rate:g}" if n and rate != lr else "") + (
             f"; distilled ({distill_note(kd)})" if kd else "") + (f"; seed {seed}" if n and seed else "")
     quantize_many(source, list(jobs.values()), workers, until)
     for key, job in jobs.items():
@@ -838,6 +840,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-5, help="QAT learning rate.")
     parser.add_argument("--steps-for", nargs="*", default=list(RECIPE["steps_for"]), metavar="KEY=N",
                         help="QAT steps for these of ours on MiniLM instead of --qat-steps (given with no KEY: none).")
+    parser.add_argument("--lr-for", nargs="*", default=list(RECIPE["lr_for"]), metavar="KEY=LR",
+                        help="QAT learning rate for these of ours on MiniLM instead of --lr (given with no KEY: none).")
     parser.add_argument("--distill", nargs="*", default=list(RECIPE["distill"]), choices=sorted(OURS) + ["none"],
                         metavar="KEY", help="QAT rows of ours distil from the fp32 classifier (KL on softened logits "
                                             "+ CE): every one (given with no KEY), only these KEYs, or none.")
@@ -865,7 +869,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-limit", type=float, default=3300,
                         help="Stop measuring this many seconds after the start (partial run; 0: no limit).")
     args = parser.parse_args(argv)
-    args.steps_for = parse_steps_for(args.steps_for)
+    args.steps_for = parse_per_key(args.steps_for, "--steps-for", int)
+    args.lr_for = parse_per_key(args.lr_for, "--lr-for", float)
     if args.distill == ["none"]:
         args.distill = None
     elif args.distill and "none" in args.distill:
@@ -905,7 +910,7 @@ def main(argv: list[str] | None = None) -> None:
                                     args.high_layers, frozenset(args.directq),
                                     started + args.build_limit if args.build_limit else None,
                                     args.distill, args.steps_for, args.distill_keys, args.clip, args.seed,
-                                    args.build_jobs)
+                                    args.build_jobs, args.lr_for)
         paths = {k: p for k, p in paths.items() if any(v.key == k for v in variants)}
         t1 = time.time()
         acc = {}
@@ -952,6 +957,8 @@ def main(argv: list[str] | None = None) -> None:
                         "from the same fp32 classifier as the peers")
                        + (f" (steps per variant: {', '.join(f'{k} {n}' for k, n in args.steps_for.items())})"
                           if args.steps_for else "")
+                       + (f" (lr per variant: {', '.join(f'{k} {r:g}' for k, r in args.lr_for.items())})"
+                          if args.lr_for else "")
                        + (f", distilled from it (KL on logits at T {args.distill.temperature:g}, weight "
                           f"{args.distill.alpha:g}, + CE" + (f"; hidden states, weight {args.distill.hidden:g}"
                                                              if args.distill.hidden else "") + ")" + (f" for {', '.join(sorted(args.distill_keys))}"
@@ -973,14 +980,21 @@ def main(argv: list[str] | None = None) -> None:
     write_report(rows, meta, args)
 
 
-def parse_steps_for(items: list[str]) -> dict[str, int]:
-    """``["ours-w4-e4=240"] -> {"ours-w4-e4": 240}``; a key not in :data:`OURS` or a bad count is an error."""
+def parse_per_key(items: list[str], flag: str, number=int) -> dict:
+    """``["ours-w4-e4=240"] -> {"ours-w4-e4": 240}``, each value made by ``number`` (``int``: a step
+    count >= 0, ``float``: a learning rate > 0); a key not in :data:`OURS` or a bad value is an error
+    naming ``flag``."""
     out = {}
     for item in items:
-        key, _, n = item.partition("=")
-        if key not in OURS or not n.isdigit():
-            raise QbertEdgeError(f"--steps-for {item}: expected KEY=N with KEY one of {', '.join(OURS)}")
-        out[key] = int(n)
+        key, _, text = item.partition("=")
+        try:
+            value = number(text)
+        except ValueError:
+            value = None
+        if key not in OURS or value is None or value < 0 or (number is float and not value > 0):
+            raise QbertEdgeError(f"{flag} {item}: expected KEY={'N' if number is int else 'LR'} with KEY one of "
+                                 f"{', '.join(OURS)}")
+        out[key] = value
     return out
 
 

@@ -50,24 +50,24 @@ def test_markdown_lists_rows_and_peers_flags(distill):
     text = distill.markdown({"rows": [_row("ours-w4-e4", 0.821, 12.1)], "references": REFS, "machine": "m",
                              "dev_examples": 854})
     assert "854 sentences" in text and "| ORT quantize_dynamic int8 per-channel |" in text
-    assert ("`python benchmarks/peers.py --steps-for ours-w4-e4=240 --lr 5e-05 --distill ours-w4-e4 "
+    assert ("`python benchmarks/peers.py --steps-for ours-w4-e4=240 --lr-for ours-w4-e4=5e-05 --distill ours-w4-e4 "
             "--distill-alpha 0.5 --distill-temperature 2`") in text
 
 
 def test_peers_flags_name_only_this_variant(distill):
     plain = {"key": "ours-w4-e4", "qat_steps": 240, "lr": 5e-5, "distill": None}
     kd = {"key": "ours-mp24-e2", "qat_steps": 240, "lr": 5e-5, "distill": {"alpha": 1.0, "temperature": 1.0}}
-    assert distill.peers_flags(plain) == "--steps-for ours-w4-e4=240 --lr 5e-05"
+    assert distill.peers_flags(plain) == "--steps-for ours-w4-e4=240 --lr-for ours-w4-e4=5e-05"
     assert distill.peers_flags(kd) == (
-        "--steps-for ours-mp24-e2=240 --lr 5e-05 --distill ours-mp24-e2 --distill-alpha 1 --distill-temperature 1")
+        "--steps-for ours-mp24-e2=240 --lr-for ours-mp24-e2=5e-05 --distill ours-mp24-e2 --distill-alpha 1 --distill-temperature 1")
 
 
 def test_rows_with_mse_ranges_or_a_seed_name_them_and_their_peers_flags(distill):
     row = {"key": "ours-mp24-e2", "qat_steps": 240, "lr": 5e-5, "distill": None, "clip": "mse", "seed": 2}
     assert distill._ranges(row) == ", mse ranges, seed 2"
-    assert distill.peers_flags(row) == "--steps-for ours-mp24-e2=240 --lr 5e-05 --clip mse --seed 2"
+    assert distill.peers_flags(row) == "--steps-for ours-mp24-e2=240 --lr-for ours-mp24-e2=5e-05 --clip mse --seed 2"
     old = {"key": "ours-mp24-e2", "qat_steps": 240, "lr": 5e-5, "distill": None}  # a row from before clip and seed
-    assert distill._ranges(old) == "" and distill.peers_flags(old) == "--steps-for ours-mp24-e2=240 --lr 5e-05"
+    assert distill._ranges(old) == "" and distill.peers_flags(old) == "--steps-for ours-mp24-e2=240 --lr-for ours-mp24-e2=5e-05"
 
 
 def test_run_one_scores_from_the_accuracy_cache_beside_the_files(distill, tmp_path, monkeypatch):

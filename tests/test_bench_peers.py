@@ -255,13 +255,17 @@ def test_plan_digest_names_the_distillation(peers):
     assert plan_digest(a, 0, 5e-5, DistillConfig()) == plan_digest(a)  # DirectQ does not distil
 
 
-def test_steps_for(peers):
+def test_steps_and_lr_per_key(peers):
     from qbert_edge.errors import QbertEdgeError
 
-    assert peers.parse_steps_for(["ours-w4-e4=240", "ours-w8=0"]) == {"ours-w4-e4": 240, "ours-w8": 0}
-    for bad in ("ours-w5=10", "ours-w4", "ours-w4=x"):
+    assert peers.parse_per_key(["ours-w4-e4=240", "ours-w8=0"], "--steps-for") == {"ours-w4-e4": 240, "ours-w8": 0}
+    assert peers.parse_per_key(["ours-mp24-e2=2e-4"], "--lr-for", float) == {"ours-mp24-e2": 2e-4}
+    for bad in ("ours-w5=10", "ours-w4", "ours-w4=x", "ours-w4=-1", "ours-w4=1.5"):
         with pytest.raises(QbertEdgeError, match="--steps-for"):
-            peers.parse_steps_for([bad])
+            peers.parse_per_key([bad], "--steps-for")
+    for bad in ("ours-w4=0", "ours-w4=-1e-4", "ours-w4=fast"):
+        with pytest.raises(QbertEdgeError, match="--lr-for"):
+            peers.parse_per_key([bad], "--lr-for", float)
 
 
 def test_mse_ranges_change_the_plan_the_note_and_the_digest(peers):
