@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(path: Path, name: str):
+    """Import a script (``benchmarks/``, ``tools/arm/``: folders of scripts, not packages) as module ``name``,
+    registered in ``sys.modules`` (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 WORDS = (
     "the a an film movie story plot actor actress scene is was are be good great bad awful "

@@ -10,7 +10,6 @@ Debian-style host (no apt-get/dpkg-deb to build the arm64 root).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,17 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 ARM = Path(__file__).resolve().parents[1] / "tools" / "arm"
 
 
 def _load(name: str, filename: str):
     """Import a script of tools/arm (a folder of scripts, not a package) under ``name``."""
-    spec = importlib.util.spec_from_file_location(name, ARM / filename)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ARM / filename, name)
 
 
 build_env = _load("build_env", "build_env.py")  # check.py imports it by this name

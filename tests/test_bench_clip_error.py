@@ -1,20 +1,11 @@
 """benchmarks/clip_error.py on hand-made weights: MSE ranges never lose, and win at 2 bits."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_clip_error", ROOT / "benchmarks" / "clip_error.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "clip_error.py", "bench_clip_error")
 
 
 def test_errors_per_kind_of_matrix():

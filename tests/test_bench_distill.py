@@ -1,22 +1,12 @@
 """benchmarks/distill.py: the pure parts (run specs, target checks, report); no model is built."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def distill():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "benchmarks" / "distill.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "distill.py", "bench_distill")
 
 
 def test_run_specs(distill):
