@@ -381,7 +381,7 @@ def torch_child(config: dict) -> dict:
     import numpy as np
     import torch
     import transformers  # noqa: F401  (the harness's imports count in the baseline)
-    from qbert_edge.runtime.memory import proc_status, random_feeds
+    from qbert_edge.runtime.memory import proc_status, random_feeds, timed_runs
 
     torch.set_num_threads(config["threads"])
     random_feeds(["input_ids"], {}, 1, 1)
@@ -395,13 +395,8 @@ def torch_child(config: dict) -> dict:
     steps = []
     for batch, runs in config["steps"]:
         feeds = {k: torch.from_numpy(v) for k, v in random_feeds(names, limits, batch, config["seq_len"]).items()}
-        lat = []
         with torch.inference_mode():
-            for i in range(config["warmup"] + runs):
-                t = time.perf_counter()
-                model(**feeds)
-                if i >= config["warmup"]:
-                    lat.append((time.perf_counter() - t) * 1e3)
+            lat = timed_runs(lambda f: model(**f), feeds, config["warmup"], runs)
         del feeds
         peak = proc_status()["VmHWM"]
         steps.append({"batch": batch, "runs": len(lat), "latency_p50": float(np.percentile(lat, 50)), "peak": peak,
@@ -426,7 +421,7 @@ def measure_torch(path: Path, steps: list[tuple[int, int]], warmup: int, threads
              "share_mb": step["model_share"] / MB} for step in done]
 
 
-def timed_runs(engine: str, batch: int, runs: int) -> int:
+def runs_per_batch(engine: str, batch: int, runs: int) -> int:
     """Timed runs of one process at ``batch``: ``runs`` at batch 1, a third of them at 8 (the
     process is warm by then), a fifth on ``ort-custom`` (its kernels are slow); at least 2."""
     runs = runs // 5 if engine == "ort-custom" else runs
@@ -437,7 +432,7 @@ def measure_process(variant: Variant, engine: str, path: Path, args) -> dict[int
     """Every batch of :data:`BATCHES` in one fresh process, smallest first: per batch the p50
     latency, file size, peak RSS and model share (MB). Peak RSS never falls, so the batch-1
     figures are a fresh process's and the batch-8 ones cover batch 1 too (:data:`NOTES`)."""
-    steps = [(batch, timed_runs(engine, batch, args.runs)) for batch in BATCHES]
+    steps = [(batch, runs_per_batch(engine, batch, args.runs)) for batch in BATCHES]
     warmup = 1 if engine == "ort-custom" else args.warmup
     if engine == "torch":
         return dict(zip(BATCHES, measure_torch(path, steps, warmup, args.threads)))

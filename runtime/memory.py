@@ -429,17 +429,21 @@ def _child(config: MeasureConfig, steps: Sequence[tuple[int, int]]) -> dict:
     loaded = proc_status()  # its VmHWM is the peak while loading
     out = []
     for batch, runs in steps:
-        feeds = random_feeds(names, limits, batch, config.seq_len, config.seed)
-        for _ in range(config.warmup):
-            run(feeds)
-        latencies = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            run(feeds)
-            latencies.append((time.perf_counter() - t0) * 1e3)
-        del feeds
+        latencies = timed_runs(run, random_feeds(names, limits, batch, config.seq_len, config.seed), config.warmup, runs)
         out.append({"batch": batch, "rss": _rss(base, loaded, proc_status()), "latency_ms": latencies})
     return {"steps": out, "load_s": load_s, "threads": threads, "options": options}
+
+
+def timed_runs(run, feeds, warmup: int, runs: int) -> list[float]:
+    """``run(feeds)`` ``warmup`` times untimed, then ``runs`` times: the wall time of each (ms)."""
+    for _ in range(warmup):
+        run(feeds)
+    latencies = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run(feeds)
+        latencies.append((time.perf_counter() - t0) * 1e3)
+    return latencies
 
 
 def _rss(base: dict, loaded: dict, after: dict) -> dict:

@@ -1,23 +1,15 @@
 """benchmarks/peers.py: the pure parts (plans of ours, Pareto front, spread, target checks, slower-by);
 no model is built."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "peers.py", "bench_peers")
 
 
 def _row(peers, key, family, acc, file_mb, share_mb, engine="ort", p50=1.0):
@@ -219,8 +211,8 @@ def test_one_process_per_repeat_measures_every_batch(peers, monkeypatch):
         assert rows[0]["figures"]["b8"]["latency_p50"] == peers.spread([8.0 * (i + 1) for i in range(n)])
 
 
-def test_timed_runs_per_batch_and_engine(peers):
-    assert [peers.timed_runs(e, b, 10) for e in ("ort", "ort-custom") for b in (1, 8)] == [10, 3, 2, 2]
+def test_runs_per_batch_and_engine(peers):
+    assert [peers.runs_per_batch(e, b, 10) for e in ("ort", "ort-custom") for b in (1, 8)] == [10, 3, 2, 2]
 
 
 def test_targets_without_int8(peers):
