@@ -864,8 +864,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-limit", type=float, default=3300,
                         help="Stop measuring this many seconds after the start (partial run; 0: no limit).")
     args = parser.parse_args(argv)
-    args.steps_for = parse_per_key(args.steps_for, "--steps-for", int)
-    args.lr_for = parse_per_key(args.lr_for, "--lr-for", float)
+    try:
+        args.steps_for = parse_per_key(args.steps_for, "--steps-for", int)
+        args.lr_for = parse_per_key(args.lr_for, "--lr-for", float)
+    except QbertEdgeError as exc:
+        parser.error(str(exc))
     if args.distill == ["none"]:
         args.distill = None
     elif args.distill and "none" in args.distill:

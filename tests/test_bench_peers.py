@@ -260,6 +260,15 @@ def test_steps_and_lr_per_key(peers):
             peers.parse_per_key([bad], "--lr-for", float)
 
 
+def test_a_bad_per_key_flag_is_a_usage_error(peers, capsys):
+    for flag in ("--steps-for", "--lr-for"):
+        with pytest.raises(SystemExit) as exc:
+            peers.main([flag, "ours-w4=x", "--report-only"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and err[-1].endswith(f"{flag} ours-w4=x: expected KEY={'N' if 'steps' in flag else 'LR'} "
+                                                        f"with KEY one of {', '.join(peers.OURS)}")
+
+
 def test_mse_ranges_change_the_plan_the_note_and_the_digest(peers):
     from peer_models import plan_digest
 
