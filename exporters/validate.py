@@ -51,6 +51,9 @@ import onnx
 
 from qbert_edge.errors import QbertEdgeError
 
+#: onnxruntime's integer matmul on a ``QuantizeLinear`` output (``--target ort``: 7-8-bit weights)
+INTEGER_MATMUL = "MatMulIntegerToFloat"
+
 ATOL = 1e-3
 RTOL = 1e-3
 #: A code one step apart counts as a rounding flip when ``x / scale`` is this close to a tie (in steps).
@@ -319,8 +322,10 @@ def explain(
     return verdicts
 
 
-def activation_pairs(model: onnx.ModelProto) -> list[tuple[str, str, str, str]]:
-    """``(plan name, input, codes, output)`` of each ``QuantizeLinear -> DequantizeLinear`` pair."""
+def activation_pairs(model: onnx.ModelProto) -> list[tuple[str, str, str, str | None]]:
+    """``(plan name, input, codes, output)`` of each ``QuantizeLinear`` followed by a
+    ``DequantizeLinear`` (``output``: its result) or read by a ``MatMulIntegerToFloat`` directly
+    (the ``--target ort`` graph's 8-bit matmuls; ``output`` None: there is no fp32 result to check)."""
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -329,14 +334,15 @@ def activation_pairs(model: onnx.ModelProto) -> list[tuple[str, str, str, str]]:
     for q in model.graph.node:
         if q.op_type != "QuantizeLinear":
             continue
-        dq = next((c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"), None)
-        if dq is not None:
-            pairs.append((q.name.rsplit("/", 1)[0], q.input[0], q.output[0], dq.output[0]))
+        readers = consumers.get(q.output[0], [])
+        dq = next((c for c in readers if c.op_type == "DequantizeLinear"), None)
+        if dq is not None or any(c.op_type == INTEGER_MATMUL for c in readers):
+            pairs.append((q.name.rsplit("/", 1)[0], q.input[0], q.output[0], dq.output[0] if dq is not None else None))
     return pairs
 
 
 def check_activation_pairs(
-    pairs: Sequence[tuple[str, str, str, str]], values: Mapping[str, np.ndarray], activations: Mapping[str, Mapping]
+    pairs: Sequence[tuple[str, str, str, str | None]], values: Mapping[str, np.ndarray], activations: Mapping[str, Mapping]
 ) -> tuple[str, ...]:
     """Problems with the graph's activation quantization, checked pair by pair on the pair's own input."""
     errors = []
@@ -355,7 +361,7 @@ def check_activation_pairs(
         at_tie = (np.abs(diff) == 1) & (np.abs(t - np.floor(t) - 0.5) <= FLIP_MARGIN)
         if np.any((diff != 0) & ~at_tie):
             errors.append(f"{module}: {int(((diff != 0) & ~at_tie).sum())} codes differ from clamp(rint(x/scale)+zero)")
-        elif not np.array_equal(values[dq_name], (codes - zero) * scale):
+        elif dq_name is not None and not np.array_equal(values[dq_name], (codes - zero) * scale):
             errors.append(f"{module}: DequantizeLinear output is not (code - zero) * scale")
     for module in sorted(set(activations) - seen):
         errors.append(f"{module}: model.pt quantizes its input, the graph does not")
@@ -363,10 +369,15 @@ def check_activation_pairs(
 
 
 def without_activation_quant(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose ``QuantizeLinear -> DequantizeLinear`` pairs are removed."""
+    """A copy of ``model`` whose ``QuantizeLinear -> DequantizeLinear`` pairs are removed, and whose
+    ``MatMulIntegerToFloat`` nodes are fp32 matmuls of the unquantized input and their dequantized
+    weight (an fp32 initializer: a ``DequantizeLinear -> MatMul`` would be fused back by onnxruntime)."""
+    from onnx import helper, numpy_helper
+
     out = onnx.ModelProto()
     out.CopyFrom(model)
     producer = {o: n for n in out.graph.node for o in n.output}
+    inits = {t.name: t for t in out.graph.initializer}
     rename: dict[str, str] = {}
     drop = set()
     for node in out.graph.node:
@@ -375,14 +386,35 @@ def without_activation_quant(model: onnx.ModelProto) -> onnx.ModelProto:
             if q.op_type == "QuantizeLinear":
                 rename[node.output[0]] = q.input[0]
                 drop.update((id(node), id(q)))
-    keep = [n for n in out.graph.node if id(n) not in drop]
-    for n in keep:
+    nodes = []
+    for n in out.graph.node:
+        if id(n) in drop:
+            continue
+        q = producer.get(n.input[0]) if n.op_type == INTEGER_MATMUL else None
+        if q is None or q.op_type != "QuantizeLinear":
+            nodes.append(n)
+            continue
+        # y = x @ ((B - b_zero) * b_scale) [+ bias]: inputs A, B, a_scale, b_scale, a_zero, b_zero, bias
+        value = {i: numpy_helper.to_array(inits[i]) for i in n.input[1:] if i in inits}
+        b, b_scale = value[n.input[1]], value[n.input[3]]
+        b_zero = value[n.input[5]] if len(n.input) > 5 and n.input[5] else np.zeros(1, np.uint8)
+        bias = n.input[6] if len(n.input) > 6 else ""
+        w, y = f"{n.name}/unquantized_W", f"{n.name}/unquantized_Y"
+        out.graph.initializer.append(numpy_helper.from_array(
+            ((b.astype(np.float32) - b_zero.astype(np.float32)) * b_scale.astype(np.float32)).astype(np.float32), w))
+        nodes.append(helper.make_node("MatMul", [q.input[0], w], [y if bias else n.output[0]], name=f"{n.name}/unquantized"))
+        if bias:
+            nodes.append(helper.make_node("Add", [y, bias], [n.output[0]], name=f"{n.name}/unquantized_bias"))
+        if not any(id(m) != id(n) and q.output[0] in m.input for m in out.graph.node):
+            drop.add(id(q))
+    nodes = [n for n in nodes if id(n) not in drop]
+    for n in nodes:
         for i, name in enumerate(n.input):
             if name in rename:
                 n.input[i] = rename[name]
     del out.graph.node[:]
-    out.graph.node.extend(keep)
-    used = {i for n in keep for i in n.input}
+    out.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
     inits = [t for t in out.graph.initializer if t.name in used]
     del out.graph.initializer[:]
     out.graph.initializer.extend(inits)
@@ -409,7 +441,7 @@ def validate_export(
     ref = run_torch(torch_model, feeds, capture=captured)
     quantizers = quantizer_outputs(model)
     pairs = activation_pairs(model)
-    extra = sorted({name for p in pairs for name in p[1:]} | {out for _, out in quantizers})
+    extra = sorted({name for p in pairs for name in p[1:] if name} | {out for _, out in quantizers})
     backend, got = onnx_outputs(model, feeds, extra=extra)
     checks = compare({k: got[k] for k in ref}, ref, atol, rtol)
     activation_errors = check_activation_pairs(pairs, got, data.get("activations") or {})

@@ -104,6 +104,9 @@ class RuntimeOptions:
     copies of their weights (:mod:`~qbert_edge.runtime.native`: same numbers up to float
     rounding). Several times faster on CPUs with int8 dot products, but those weights are held
     at 1 byte each instead of 0.5 (BERT-base: +42 MB, docs/runtime.md).
+    ``uint8_matmul`` (on; ``ort`` only): matmuls with 8-bit activations and 7- or 8-bit weights run
+    as ``MatMulIntegerToFloat`` on their uint8 codes (exact; 2-3x faster than an 8-bit
+    ``MatMulNBits``, same bytes: :mod:`~qbert_edge.runtime.native`). Off: ``MatMulNBits``.
     """
 
     threads: int | None = None
@@ -117,12 +120,12 @@ class RuntimeOptions:
     spill: bool = True
     random_tables: bool = True
     int8_matmul: bool = False
+    uint8_matmul: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.random_tables, bool):
-            raise QbertEdgeError(f"random_tables must be True or False, got {self.random_tables!r}")
-        if not isinstance(self.int8_matmul, bool):
-            raise QbertEdgeError(f"int8_matmul must be True or False, got {self.int8_matmul!r}")
+        for name in ("random_tables", "int8_matmul", "uint8_matmul"):
+            if not isinstance(getattr(self, name), bool):
+                raise QbertEdgeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise QbertEdgeError(f"threads must be a positive integer, got {self.threads!r}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
@@ -464,7 +467,7 @@ def _native_backend(model, weights: dict[str, np.ndarray], options: RuntimeOptio
 
         model, weights = native.native_rewrite(model, weights, strict=False, accuracy_level=options.accuracy_level,
                                                widen_2bit=options.widen_2bit, store=store, release=graph.forget,
-                                               int8=options.int8_matmul)
+                                               int8=options.int8_matmul, uint8=options.uint8_matmul)
     # a --target ort export (or any ONNX model) runs as it is, but for the settings below
     if options.accuracy_level is not None:
         set_accuracy_level(model, options.accuracy_level)

@@ -71,6 +71,7 @@ class MeasureConfig:
     mem_pattern: bool | None = None
     random_tables: bool | None = None
     int8_matmul: bool | None = None
+    uint8_matmul: bool | None = None
     engine: str = "qbert-edge"
     seed: int = 0
 
@@ -88,7 +89,7 @@ class MeasureConfig:
         from qbert_edge.runtime.backends import RuntimeOptions
 
         keys = ("threads", "arena", "prepacking", "optimization", "accuracy_level", "widen_2bit", "return_memory",
-                "spill", "mem_pattern", "random_tables", "int8_matmul")
+                "spill", "mem_pattern", "random_tables", "int8_matmul", "uint8_matmul")
         given = {k: getattr(self, k) for k in keys}
         return RuntimeOptions(**{k: v for k, v in given.items() if v is not None})
 

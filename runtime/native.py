@@ -40,6 +40,12 @@ becomes ``com.microsoft::GatherBlockQuantized``, with the same numbers:
   saturates: ``2 * 255 * |w|`` fits only for ``|w| <= 64``. A 7-bit weight (``|w|`` up to 127)
   came out 20% wrong on such a machine (an AMD EPYC, AVX2 only); 6 bits (``|w| <= 63``) is exact
   on every kernel.
+- By default (``uint8=True``) a ``QMatMul`` with 8-bit activations and a 7- or 8-bit weight becomes
+  ``MatMulIntegerToFloat`` on the uint8 codes (``[K, N]``) with per-column zero points
+  (:func:`uint8_weight`): u8 x u8 products are widened before they are added, exact on every
+  kernel, and the weight stays at one byte per code. onnxruntime's 8-bit ``MatMulNBits`` dequantizes
+  at ``accuracy_level`` 0: it took 1.05-2.5x an fp32 MatMul at MiniLM/BERT-base FFN shapes, the u8 x u8
+  GEMM 0.5-1.0x, exact to 7e-8 (``benchmarks/results/matmul8.md``).
 
 :func:`native_rewrite` works on a model plus a separate ``name -> array`` dict of weights (what the
 runtime's memory-mapped loader holds); :func:`to_native` is the same on a self-contained model.
@@ -73,6 +79,9 @@ MIN_BLOCK = 16
 MAX_BLOCK = 256
 #: widest weight the int8 rewrite takes: u8 x s8 pairs summed in int16 (AVX2 without VNNI) saturate above 6 bits
 INT8_MAX_BITS = 6
+#: narrowest weight the uint8 rewrite takes (on by default): u8 x u8 products are exact on every
+#: kernel; below 7 bits ``MatMulNBits`` (4 bits: half the bytes) is the better trade
+UINT8_MIN_BITS = 7
 #: ``accuracy_level`` at which onnxruntime computes a ``MatMulNBits`` with int8 activations; the
 #: only one with a native 2-bit CPU kernel (0/1: fp32, exact, 2-bit dequantized per call).
 INT8_LEVEL = 4
@@ -210,22 +219,50 @@ def int8_weight(packed: np.ndarray, bits: int, rows: int, cols: int, scales, zer
     """
     if bits > 7:
         raise ValueError(f"a {bits}-bit weight minus its zero point does not fit in int8")
-    packed = np.asarray(packed, np.uint8).reshape(-1)
+    row_scale, row_zero = _row_params(scales, zero_points, rows, groups)
+    zero = row_zero.astype(np.int16)
+    b = _transposed_codes(packed, bits, rows, cols, np.int8, lambda c, r0, r1: c.astype(np.int16) - zero[r0:r1, None], chunk)
+    return b, row_scale
+
+
+def uint8_weight(packed: np.ndarray, bits: int, rows: int, cols: int, scales, zero_points, groups: int,
+                 chunk: int = WIDEN_CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(B uint8 [cols, rows], scale float32 [rows], zero uint8 [rows])`` of a packed ``[rows, cols]``
+    weight: the codes transposed, with the per-column scale and zero point ``MatMulIntegerToFloat``
+    subtracts itself (``b_zero_point``). Exact for every width (u8 x u8 products are widened, never
+    saturated: ``benchmarks/matmul8.py``). Works ``chunk`` codes (whole rows) at a time.
+
+    >>> from qbert_edge.runtime.packing import pack
+    >>> b, s, z = uint8_weight(pack(np.array([5, 3, 7, 1], np.uint8), 8), 8, 2, 2, [0.5, 2.0], [4, 1], 2)
+    >>> b.tolist(), s.tolist(), z.tolist()
+    ([[5, 7], [3, 1]], [0.5, 2.0], [4, 1])
+    """
+    row_scale, row_zero = _row_params(scales, zero_points, rows, groups)
+    return _transposed_codes(packed, bits, rows, cols, np.uint8, lambda c, r0, r1: c, chunk), row_scale, row_zero
+
+
+def _row_params(scales, zero_points, rows: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's scale (float32) and zero point (uint8) repeated over its rows: ``[rows]`` each."""
     per_group = rows // groups
-    row_zero = np.repeat(np.asarray(zero_points, np.int16).reshape(-1), per_group)
-    row_scale = np.repeat(np.asarray(scales, np.float32).reshape(-1), per_group)
-    out = np.empty((cols, rows), np.int8)
-    if (cols * bits) % 8:  # rows do not start on byte boundaries: one pass
-        codes = unpack(packed, bits, rows * cols).reshape(rows, cols).astype(np.int16)
-        out[:] = (codes - row_zero[:, None]).T
-        return out, row_scale
+    return (np.repeat(np.asarray(scales, np.float32).reshape(-1), per_group),
+            np.repeat(np.asarray(zero_points, np.uint8).reshape(-1), per_group))
+
+
+def _transposed_codes(packed: np.ndarray, bits: int, rows: int, cols: int, dtype, values, chunk: int) -> np.ndarray:
+    """``values(codes[r0:r1], r0, r1).T`` of a packed ``[rows, cols]`` weight as ``dtype [cols, rows]``,
+    ``chunk`` codes (whole rows) at a time (one pass when rows do not start on byte boundaries)."""
+    packed = np.asarray(packed, np.uint8).reshape(-1)
+    out = np.empty((cols, rows), dtype)
+    if (cols * bits) % 8:
+        out[:] = values(unpack(packed, bits, rows * cols).reshape(rows, cols), 0, rows).T
+        return out
     in_row = cols * bits // 8
     step = max(1, chunk // max(cols, 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         codes = unpack(packed[r0 * in_row: r1 * in_row], bits, (r1 - r0) * cols).reshape(r1 - r0, cols)
-        out[:, r0:r1] = (codes.astype(np.int16) - row_zero[r0:r1, None]).T
-    return out, row_scale
+        out[:, r0:r1] = values(codes, r0, r1).T
+    return out
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -246,6 +283,7 @@ def native_rewrite(
     store: Callable[[np.ndarray], np.ndarray] | None = None,
     release: Callable[[Iterable[np.ndarray]], object] | None = None,
     int8: bool = False,
+    uint8: bool = True,
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Rewrite every ``QMatMul``/``QGather`` of ``model``; returns ``(new model, new weights)``.
 
@@ -264,8 +302,10 @@ def native_rewrite(
     onnxruntime keeps as they are, are not stored); ``release`` receives the source arrays a
     rewritten node no longer needs (the runtime drops their mapped pages). Both are for memory
     only: the numbers are the same without them. ``int8``: matmuls with 8-bit activations become
-    ``MatMulIntegerToFloat`` on int8 weights (module docstring; their weights also go to ``store``),
-    and the ``DequantizeLinear`` nodes left without a consumer are removed.
+    ``MatMulIntegerToFloat`` on int8 weights (module docstring; their weights also go to ``store``).
+    ``uint8`` (default on): matmuls with 8-bit activations and 7- or 8-bit weights become
+    ``MatMulIntegerToFloat`` on the uint8 codes with per-column zero points (module docstring).
+    Either way the ``DequantizeLinear`` nodes left without a consumer are removed.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -285,8 +325,8 @@ def native_rewrite(
 
     new_weights: dict[str, np.ndarray] = {}
     nodes = []
-    kept_custom = rewritten = 0
-    quantized = _quantized_inputs(graph, inside, external) if int8 else {}
+    kept_custom = rewritten = integer_rewrites = 0
+    quantized = _quantized_inputs(graph, inside, external) if int8 or uint8 else {}
     for node in graph.node:
         if node.domain != DOMAIN:
             nodes.append(node)
@@ -305,24 +345,30 @@ def native_rewrite(
             new_bits, block = native_bits(bits), block_size_for(cols, max_block)
         else:
             raise QbertEdgeError(f"model.onnx: unknown {DOMAIN} op {node.op_type!r}")
-        if node.op_type == "QMatMul" and node.input[0] in quantized and bits <= INT8_MAX_BITS:  # int8: MatMulIntegerToFloat
+        integer = (int8 and bits <= INT8_MAX_BITS) or (uint8 and bits >= UINT8_MIN_BITS)
+        if node.op_type == "QMatMul" and node.input[0] in quantized and integer:  # MatMulIntegerToFloat
             base = node.name.split("/")[0] or node.output[0]
             x, w, s, z = node.input[:4]
             bias = node.input[4] if len(node.input) > 4 else ""
             xq, a_scale, a_zero = quantized[x]
-            codes, scale = int8_weight(array(w), bits, rows, cols, array(s), array(z), int(a["groups"]))
-            names = (f"{base}.int8_B", f"{base}.int8_scale")
-            new = helper.make_node(
-                "MatMulIntegerToFloat", [xq, names[0], a_scale, names[1], a_zero, "", bias] if bias
-                else [xq, names[0], a_scale, names[1], a_zero], list(node.output), name=node.name, domain=MS_DOMAIN,
-            )
+            if bits <= INT8_MAX_BITS:
+                codes, scale = int8_weight(array(w), bits, rows, cols, array(s), array(z), int(a["groups"]))
+                names, zero = (f"{base}.int8_B", f"{base}.int8_scale"), None
+            else:
+                codes, scale, zero = uint8_weight(array(w), bits, rows, cols, array(s), array(z), int(a["groups"]))
+                names = (f"{base}.uint8_B", f"{base}.uint8_scale", f"{base}.uint8_zero")
+            inputs = [xq, names[0], a_scale, names[1], a_zero] + ([names[2]] if zero is not None else [])
+            if bias:
+                inputs += [""] * (6 - len(inputs)) + [bias]
+            new = helper.make_node("MatMulIntegerToFloat", inputs, list(node.output), name=node.name, domain=MS_DOMAIN)
             if store is not None and weights is not None:
                 codes = store(codes)
-            new_weights.update(zip(names, (codes, scale)))
+            new_weights.update(zip(names, (codes, scale) if zero is None else (codes, scale, zero)))
             if release is not None:
                 release([external[i] for i in (w, s, z) if i in external])
             nodes.append(new)
             rewritten += 1
+            integer_rewrites += 1
             continue
         if native_bits(bits) != bits and not widen:
             nodes.append(node)
@@ -369,7 +415,7 @@ def native_rewrite(
         nodes.append(new)
         rewritten += 1
 
-    if int8:
+    if integer_rewrites:
         nodes = _drop_unused(nodes, {o.name for o in graph.output}, ("DequantizeLinear",))
     del graph.node[:]
     graph.node.extend(nodes)
@@ -494,7 +540,8 @@ def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
 
 
 def to_native(model: onnx.ModelProto, *, strict: bool = True, max_block: int = MAX_BLOCK, widen: bool = True,
-              accuracy_level: int | None = None, widen_2bit: bool | None = False, int8: bool = False) -> onnx.ModelProto:
+              accuracy_level: int | None = None, widen_2bit: bool | None = False, int8: bool = False,
+              uint8: bool = True) -> onnx.ModelProto:
     """:func:`native_rewrite` of a self-contained model (all initializers inside)."""
     return native_rewrite(model, None, strict=strict, max_block=max_block, widen=widen,
-                          accuracy_level=accuracy_level, widen_2bit=widen_2bit, int8=int8)[0]
+                          accuracy_level=accuracy_level, widen_2bit=widen_2bit, int8=int8, uint8=uint8)[0]

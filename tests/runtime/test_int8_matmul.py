@@ -1,9 +1,11 @@
-"""The opt-in int8 path of the ``ort`` backend (``RuntimeOptions(int8_matmul=True)``, runtime/native.py).
+"""The integer paths of the ``ort`` backend (runtime/native.py).
 
 A ``QMatMul`` fed by ``QuantizeLinear -> DequantizeLinear`` (the plan's 8-bit activations) becomes
-``MatMulIntegerToFloat`` on the quantized activations and an int8 ``code - zero`` weight: integer
-products summed exactly, then scaled, so it agrees with dequantize-then-matmul to float rounding.
-Everything else (no activation quantization, 8-bit weights) keeps ``MatMulNBits``.
+``MatMulIntegerToFloat`` on the quantized activations: with the opt-in int8 path
+(``RuntimeOptions(int8_matmul=True)``) on an int8 ``code - zero`` weight (at most 6 bits), and by
+default for 7- and 8-bit weights on the uint8 codes with per-column zero points. Integer products
+are summed exactly, then scaled, so both agree with dequantize-then-matmul to float rounding.
+Everything else (no activation quantization, 2-6-bit weights by default) keeps ``MatMulNBits``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qbert_edge.runtime import backends
 from qbert_edge.runtime.backends import RuntimeOptions
 from qbert_edge.runtime.loader import load_graph
-from qbert_edge.runtime.native import int8_weight, to_native
+from qbert_edge.runtime.native import int8_weight, to_native, uint8_weight
 from qbert_edge.runtime.packing import pack
 
 A_SCALE, A_ZERO = np.float32(0.031), np.uint8(121)
@@ -112,15 +114,43 @@ def test_int8_rewrite_agrees_with_dequantize_then_matmul(bits, k, bias):
     assert np.abs(run(default, x) - want).max() <= RTOL * np.abs(want).max()
 
 
-def test_what_int8_leaves_alone():
+def test_what_the_integer_paths_leave_alone():
     # no activation quantization: nothing integer to multiply, MatMulNBits as before
-    model, expected = graph(3, 32, act_quant=False)
-    assert op_types(to_native(model, int8=True)) == ["MatMulNBits"]
-    # 8-bit weights: code - zero can reach +-255, not int8: MatMulNBits, after the Q/DQ pair
+    for bits in (3, 8):
+        model, expected = graph(bits, 32, act_quant=False)
+        assert op_types(to_native(model, int8=True)) == ["MatMulNBits"]
+    # 2-6 bits without the opt-in int8 path: MatMulNBits after the Q/DQ pair
+    model, expected = graph(4, 32)
+    assert op_types(to_native(model)) == ["QuantizeLinear", "DequantizeLinear", "MatMulNBits"]
+    # 8-bit weights with uint8=False: MatMulNBits as before, the same function
     model, expected = graph(8, 32)
-    native = to_native(model, int8=True)
+    native = to_native(model, uint8=False)
     assert op_types(native) == ["QuantizeLinear", "DequantizeLinear", "MatMulNBits"]
     x = feeds(32)
+    assert np.abs(run(native, x) - expected(x)).max() <= RTOL * np.abs(expected(x)).max()
+
+
+def test_uint8_weight_is_the_codes_transposed():
+    rng = np.random.default_rng(4)
+    for bits, k in ((8, 16), (7, 20), (7, 64)):  # 7 x 20 bits: rows cross byte boundaries
+        codes, scales, zeros = _quant(rng, 12, k, bits, 3)
+        b, s, z = uint8_weight(pack(codes, bits), bits, 12, k, scales, zeros, 3, chunk=2 * k)  # several chunks
+        assert b.dtype == np.uint8 and b.shape == (k, 12) and s.shape == z.shape == (12,) and z.dtype == np.uint8
+        np.testing.assert_array_equal(b.T, codes)
+        np.testing.assert_array_equal((b.T.astype(np.float32) - z[:, None]) * s[:, None], _dequant(codes, scales, zeros))
+
+
+@pytest.mark.parametrize("bits,k,bias,int8", [(8, 64, True, False), (8, 20, False, False), (7, 48, True, False),
+                                              (8, 32, True, True)])
+def test_wide_weights_become_a_uint8_matmul_by_default(bits, k, bias, int8):
+    """Codes of 7-8 bits with their zero points as ``b_zero_point``: exact (u8 x u8 never saturates,
+    where u8 x s8 did above 6 bits on AVX2), any K (MatMulNBits needs multiples of 16)."""
+    model, expected = graph(bits, k, bias=bias)
+    native = to_native(model, int8=int8, strict=False)
+    assert op_types(native) == ["QuantizeLinear", "MatMulIntegerToFloat"]
+    node = native.graph.node[1]
+    assert len(node.input) == (7 if bias else 6) and node.input[5].endswith("uint8_zero")
+    x = feeds(k)
     assert np.abs(run(native, x) - expected(x)).max() <= RTOL * np.abs(expected(x)).max()
 
 
@@ -143,6 +173,21 @@ def test_backend_option_spills_the_int8_weights(tmp_path):
         RuntimeOptions(int8_matmul=1)
 
 
+def test_backend_spills_the_uint8_weights_by_default(tmp_path):
+    k, n = 256, 256
+    model, expected = graph(8, k, n=n)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    x = feeds(k)
+    backend = backends.create("ort", load_graph(path), RuntimeOptions(threads=1))
+    try:
+        got = backend.run({"x": x})["y"]
+        assert backend.spilled_bytes == k * n  # the transposed codes, one byte per weight
+    finally:
+        backend.close()
+    assert np.abs(got - expected(x)).max() <= RTOL * np.abs(expected(x)).max()
+
+
 def test_cli_flag_reaches_the_session(tmp_path):
     from click.testing import CliRunner
 
@@ -161,7 +206,10 @@ def test_cli_flag_reaches_the_session(tmp_path):
     assert np.abs(got - expected(x)).max() <= RTOL * np.abs(expected(x)).max()
 
 
-def test_7_bit_weights_keep_matmulnbits_under_int8():
-    # u8 x s8 pairs saturate in int16 on AVX2 without VNNI above 6 bits: a 7-bit weight stays on MatMulNBits
+def test_7_bit_weights_never_take_the_int8_path():
+    # u8 x s8 pairs saturate in int16 on AVX2 without VNNI above 6 bits: a 7-bit weight takes the
+    # uint8 path (or MatMulNBits without it), never an int8 weight
     model, _ = graph(7, 32, bias=True)
-    assert "MatMulIntegerToFloat" not in op_types(to_native(model, int8=True, strict=False))
+    names = {i for n in to_native(model, int8=True, strict=False).graph.node for i in n.input}
+    assert not any(i.endswith("int8_B") and not i.endswith("uint8_B") for i in names)
+    assert op_types(to_native(model, int8=True, uint8=False)) == ["QuantizeLinear", "DequantizeLinear", "MatMulNBits"]
