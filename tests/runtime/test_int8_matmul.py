@@ -58,8 +58,8 @@ def graph(bits: int, k: int, n: int = 24, groups: int = 4, act_quant: bool = Tru
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("qbert_edge", 1)],
                               ir_version=8)
 
-    def expected(xv):
-        if act_quant:
+    def expected(xv, quantize_input: bool = act_quant):
+        if quantize_input:
             q = np.clip(np.round(xv / A_SCALE) + float(A_ZERO), 0, 255)
             xv = ((q - float(A_ZERO)) * A_SCALE).astype(np.float32)
         return xv @ _dequant(codes, scales, zeros).T + (b if bias else 0)
@@ -213,3 +213,19 @@ def test_7_bit_weights_never_take_the_int8_path():
     names = {i for n in to_native(model, int8=True, strict=False).graph.node for i in n.input}
     assert not any(i.endswith("int8_B") and not i.endswith("uint8_B") for i in names)
     assert op_types(to_native(model, int8=True, uint8=False)) == ["QuantizeLinear", "DequantizeLinear", "MatMulNBits"]
+
+
+def test_export_validator_reads_integer_matmuls():
+    """The validator's checks on a ``--target ort`` graph whose 8-bit matmul reads the
+    ``QuantizeLinear`` output directly: the codes are still checked, and without activation
+    quantization the node is the fp32 matmul of the dequantized weight (not fused back by onnxruntime)."""
+    from qbert_edge.exporters.validate import activation_pairs, without_activation_quant
+
+    model, expected = graph(8, 32)
+    native = to_native(model)
+    assert activation_pairs(native) == [("fc", "x", "xq", None)]
+    plain = without_activation_quant(native)
+    assert op_types(plain) == ["MatMul", "Add"]
+    x = feeds(32)
+    want = expected(x, quantize_input=False)
+    assert np.abs(run(plain, x) - want).max() <= RTOL * np.abs(want).max()
