@@ -153,17 +153,18 @@ def markdown(data: dict) -> str:
              "(ours) or plain onnxruntime (peers), one pass" + (f" (one sentence = {100 / data['dev_examples']:.3f} pt)"
                                                    if isinstance(data.get("dev_examples"), int) else "")
              + "; one seed per row, so a few tenths of a point are noise. "
-             "QAT: batch 32, max length 64, on `rt:train`; plans as `benchmarks/peers.py` (128 groups, Hessian MP "
-             "layers, activations and other embeddings 8-bit). Files in the `peers.py` work directory. Last loss: the "
+             "QAT: batch 32, max length 64, on `rt:train`; plans as `benchmarks/peers.py` made them when the row ran "
+             "(the plan column; 128 groups, activations 8-bit): a row whose plan the variant no longer has was made "
+             "before its spec changed, and its command now builds the new plan. Files in the `peers.py` work directory. Last loss: the "
              "training loss of the last step (with distillation it includes the KL term, so it is not comparable "
              "across the distillation column). The ORT rows on top are the latest run's; `fp32 / int8 acc` is ORT fp32's "
              "and ORT int8's accuracy scored with the same fp32 classifier as that row (a new machine fine-tunes its own "
              "`minilm-rt`, which lands a few tenths of a point apart), and each row's targets use those.", "",
-             "| variant | QAT steps | lr | distillation (alpha, T) | acc rt:dev | fp32 / int8 acc | file MB | last loss | QAT s | command |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | plan | QAT steps | lr | distillation (alpha, T) | acc rt:dev | fp32 / int8 acc | file MB | last loss | QAT s | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in refs.items():
         label = next(v.label for v in peers.ALL_VARIANTS if v.key == key)
-        lines.append(f"| {label} | - | - | - | {r['accuracy']:.3f} | - | {r['file_mb']:.1f} | - | - | (peers.py) |")
+        lines.append(f"| {label} | - | - | - | - | {r['accuracy']:.3f} | - | {r['file_mb']:.1f} | - | - | (peers.py) |")
     for r in rows:
         kd = _kd(r["distill"]).replace("alpha ", "").replace("T ", "") if r["distill"] else "none"
         tr = r.get("training") or {}
@@ -171,7 +172,8 @@ def markdown(data: dict) -> str:
         secs = f"{tr['seconds']:.0f}" if tr.get("seconds") is not None else "-"
         own = r.get("references", refs)
         base = "/".join(f"{own[k]['accuracy']:.3f}" if k in own else "?" for k in ("ort-fp32", "ort-int8"))
-        lines.append(f"| {r['label']}{_ranges(r)} | {r['qat_steps']} | {r['lr']:g} | {kd} | {r['accuracy']:.3f} | {base} | "
+        plan = (r.get("plan") or "-").split(";")[0].replace(", mse ranges", "")
+        lines.append(f"| {r['label']}{_ranges(r)} | {plan} | {r['qat_steps']} | {r['lr']:g} | {kd} | {r['accuracy']:.3f} | {base} | "
                      f"{r['file_mb']:.2f} | {last} | {secs} | `{r['command']}` |")
     lines += ["", "## Targets (computed from the rows above)", ""] + targets(rows, refs)
     lines += ["", "## Reproduce in peers.py", "",

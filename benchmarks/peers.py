@@ -119,18 +119,23 @@ PEERS = [
 class Ours:
     """One of our variants: ``bits`` for every encoder Linear, or ``bits``/``high_bits`` mixed
     precision (which layers get ``high_bits``: :func:`ours_plan`); ``word_bits`` for the word
-    embedding (position and token-type embeddings, pooler, classifier and activations: 8 bits);
-    ``high_layers`` overrides ``--high-layers`` for this variant."""
+    embedding, ``position_bits`` for the position embedding, ``head_bits`` for the pooler and
+    classifier (token-type embedding and activations: 8 bits); ``high_layers`` overrides
+    ``--high-layers`` for this variant."""
 
     label: str
     bits: int
     high_bits: int | None = None
     word_bits: int = 8
     high_layers: int | None = None
+    position_bits: int = 8
+    head_bits: int = 8
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8 or not 2 <= self.word_bits <= 8:
-            raise ValueError(f"{self.label}: bits {self.bits} / word bits {self.word_bits} outside 2..8")
+        for what, b in (("bits", self.bits), ("word bits", self.word_bits), ("position bits", self.position_bits),
+                        ("head bits", self.head_bits)):
+            if not 2 <= b <= 8:
+                raise ValueError(f"{self.label}: {what} {b} outside 2..8")
         if self.high_bits is not None and not self.bits < self.high_bits <= 8:
             raise ValueError(f"{self.label}: high bits {self.high_bits} must be above {self.bits}")
 
@@ -145,9 +150,11 @@ OURS = {
     "ours-w3": Ours("ours w3", 3),
     "ours-mp23": Ours("ours 2/3 MP", 2, 3),
     "ours-mp24": Ours("ours 2/4 MP", 2, 4),
-    # 2-bit word embeddings: at 8 bits MiniLM's word table alone is 11.7 MB, half of ORT int8's file
-    "ours-mp23-e2": Ours("ours 2/3 MP + 2-bit word emb.", 2, 3, word_bits=2),
-    "ours-mp24-e2": Ours("ours 2/4 MP + 2-bit word emb.", 2, 4, word_bits=2),
+    # 2-bit word embeddings: at 8 bits MiniLM's word table alone is 11.7 MB, half of ORT int8's file.
+    # The rest of a third of ORT int8's file (7.75 MB) goes to the most sensitive layers; 4-bit
+    # position embeddings and pooler (-0.17 MB) make room for one more: 2/3 MP 7.5 MB, 2/4 MP 7.7 MB
+    "ours-mp23-e2": Ours("ours 2/3 MP + 2-bit word emb.", 2, 3, word_bits=2, high_layers=5, position_bits=4, head_bits=4),
+    "ours-mp24-e2": Ours("ours 2/4 MP + 2-bit word emb.", 2, 4, word_bits=2, high_layers=3, position_bits=4, head_bits=4),
 }
 OUR_ENGINES = ("ort", "ort-custom")
 #: MiniLM's Hessian analysis (committed); its Omega ranking picks the MP plans' high layers
@@ -184,22 +191,27 @@ def ours_plan(spec: Ours, shapes, num_layers: int, sens=None, high_layers: int =
     from qbert_edge.plan import uniform_plan
 
     high_layers = spec.high_layers or high_layers
-    emb = {"word": spec.word_bits, "position": 8, "token_type": 8}
+    emb = {"word": spec.word_bits, "position": spec.position_bits, "token_type": 8}
     words = f", {spec.word_bits}-bit word emb." if spec.word_bits != 8 else ""
+    words += f", {spec.position_bits}-bit position emb." if spec.position_bits != 8 else ""
+    words += f", {spec.head_bits}-bit pooler" if spec.head_bits != 8 else ""
     words += ", mse ranges" if clip != "minmax" else ""
     if spec.high_bits is None:
-        plan = uniform_plan(shapes, spec.bits, 128, clip=clip, embedding_bits=emb, meta={"scheme": f"w{spec.bits}"})
+        plan = uniform_plan(shapes, spec.bits, 128, clip=clip, embedding_bits=emb, head_bits=spec.head_bits,
+                            meta={"scheme": f"w{spec.bits}"})
         return plan, f"w{spec.bits}{words}"
     if sens is not None:
         if sens.num_layers != num_layers or any(tuple(shapes.get(k, ())) != tuple(v) for k, v in sens.shapes.items()):
             raise QbertEdgeError(f"{SENSITIVITY}: analysed a different model ({sens.model}); re-run qbert-edge analyze")
         plan = allocate_bits(sens, f"{spec.bits}/{spec.high_bits}", high_layers=high_layers, groups=128,
-                             word_bits=spec.word_bits, position_bits=8, clip=clip, source=str(SENSITIVITY))
+                             word_bits=spec.word_bits, position_bits=spec.position_bits, head_bits=spec.head_bits,
+                             clip=clip, source=str(SENSITIVITY))
         high = sorted(sens.ranking()[:high_layers])
         how = f"top {high_layers} of {num_layers} by Hessian Omega"
     else:
         high = list(range(num_layers // 2))
-        plan = uniform_plan(shapes, spec.bits, 128, clip=clip, embedding_bits=emb, layer_bits={i: spec.high_bits for i in high},
+        plan = uniform_plan(shapes, spec.bits, 128, clip=clip, embedding_bits=emb, head_bits=spec.head_bits,
+                            layer_bits={i: spec.high_bits for i in high},
                             meta={"scheme": f"{spec.bits}/{spec.high_bits}", "high_layers": high})
         how = "first half, fixed (no Hessian)"
     layers = f"{high[0]}-{high[-1]}" if len(high) > 2 and high == list(range(high[0], high[-1] + 1)) else ",".join(map(str, high))
@@ -573,9 +585,14 @@ def slower_why(key: str, engine: str) -> str:
         return "QMatMul/QGather are onnxruntime-extensions Python ops: NumPy unpacks the codes and runs an fp32 matmul on every call"
     spec = OURS[key]
     widths = sorted({spec.bits} | ({spec.high_bits} if spec.high_bits else set()))
-    native = sorted({4 if b in (2, 3) else b for b in widths})
-    why = [f"encoder as MatMulNBits {'/'.join(map(str, native))}-bit at accuracy_level 0 (fp32 compute), "
-           "where ORT int8 runs int8 GEMMs"]
+    nbits = sorted({4 if b in (2, 3) else b for b in widths if b < 7})
+    why = []
+    if nbits:
+        why.append(f"encoder as MatMulNBits {'/'.join(map(str, nbits))}-bit at accuracy_level 0 (fp32 compute), "
+                   "where ORT int8 runs int8 GEMMs")
+    if any(b >= 7 for b in widths):
+        why.append("8-bit layers as u8 x u8 MatMulIntegerToFloat with static activation ranges (ORT int8: u8 x s8, "
+                   "dynamic ranges)")
     if 3 in widths:
         why.append("3-bit codes widened to 4 at load (onnxruntime has no 3-bit kernel)")
     if 2 in widths:

@@ -40,6 +40,10 @@ def test_markdown_lists_rows_and_peers_flags(distill):
     text = distill.markdown({"rows": [_row("ours-w4-e4", 0.821, 12.1)], "references": REFS, "machine": "m",
                              "dev_examples": 854})
     assert "854 sentences" in text and "| ORT quantize_dynamic int8 per-channel |" in text
+    assert "| ours-w4-e4 | - | 240 |" in text  # a row without a plan note
+    row = {**_row("ours-mp24-e2", 0.8, 7.7), "plan": "4-bit L0-2: top 3 of 6 by Hessian Omega, mse ranges; distilled (alpha 0.5, T 2)"}
+    assert "| ours-mp24-e2 | 4-bit L0-2: top 3 of 6 by Hessian Omega | 240 |" in distill.markdown({**{"rows": [row]}, "references": REFS,
+                                                                                                   "machine": "m"})
     assert ("`python benchmarks/peers.py --steps-for ours-w4-e4=240 --lr-for ours-w4-e4=5e-05 --distill ours-w4-e4 "
             "--distill-alpha 0.5 --distill-temperature 2`") in text
 

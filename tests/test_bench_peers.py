@@ -66,13 +66,33 @@ def test_mp_plan_without_hessian_is_the_first_half(peers):
 def test_low_bit_word_embedding_variants(peers):
     shapes = _shapes(4)
     sens = _sensitivity([1.0, 9.0, 2.0, 5.0], shapes)
-    plan, note = peers.ours_plan(peers.OURS["ours-mp23-e2"], shapes, 4, sens, high_layers=1)
+    plan, note = peers.ours_plan(peers.Ours("mp23 e2", 2, 3, word_bits=2), shapes, 4, sens, high_layers=1)
     assert plan.modules["embeddings.word_embeddings"].bits == 2
     assert plan.modules["embeddings.position_embeddings"].bits == 8
+    assert plan.modules["pooler.dense"].bits == 8
     assert _layer_bits(plan) == {0: 2, 1: 3, 2: 2, 3: 2}
-    assert "2-bit word" in note
+    assert "2-bit word" in note and "position" not in note
     uniform, _ = peers.ours_plan(peers.OURS["ours-w4"], shapes, 4, sens)
     assert set(_layer_bits(uniform).values()) == {4}
+
+
+def test_target_variants_spend_the_budget_on_more_high_layers(peers):
+    """The int8 target's rows: 4-bit position embeddings and head make room for more high layers
+    (the variant's own ``high_layers`` wins over the command line's)."""
+    shapes = _shapes(6)
+    sens = _sensitivity([1.0, 9.0, 2.0, 5.0, 3.0, 4.0], shapes)  # ranking 1, 3, 5, 4, 2, 0
+    plan, note = peers.ours_plan(peers.OURS["ours-mp24-e2"], shapes, 6, sens, high_layers=2)
+    assert _layer_bits(plan) == {0: 2, 1: 4, 2: 2, 3: 4, 4: 2, 5: 4}
+    assert {n: plan.modules[n].bits for n in ("embeddings.word_embeddings", "embeddings.position_embeddings",
+                                              "embeddings.token_type_embeddings", "pooler.dense", "classifier")} == \
+        {"embeddings.word_embeddings": 2, "embeddings.position_embeddings": 4, "embeddings.token_type_embeddings": 8,
+         "pooler.dense": 4, "classifier": 4}
+    assert "L1,3,5" in note and "4-bit position emb." in note and "4-bit pooler" in note
+    bert_base, _ = peers.ours_plan(peers.OURS["ours-mp23-e2"], shapes, 6, None)  # no Hessian: first half
+    assert _layer_bits(bert_base) == {0: 3, 1: 3, 2: 3, 3: 2, 4: 2, 5: 2}
+    assert bert_base.modules["pooler.dense"].bits == 4
+    with pytest.raises(ValueError, match="position bits 1"):
+        peers.Ours("bad", 2, 4, position_bits=1)
 
 
 def test_mp_plan_refuses_a_sensitivity_of_another_model(peers):
@@ -228,7 +248,7 @@ def test_speed_lines_say_by_how_much_and_why(peers):
     mp23 = next(line for line in lines if line.startswith("| ours-mp23 "))
     assert "| 2.5x slower | 2.5x slower |" in mp23 and "3-bit codes widened to 4" in mp23 and "MatMulNBits 4-bit" in mp23
     w8 = next(line for line in lines if line.startswith("| ours-w8 "))
-    assert "2.0x faster" in w8 and "widened" not in w8 and "MatMulNBits 8-bit" in w8
+    assert "2.0x faster" in w8 and "widened" not in w8 and "MatMulNBits" not in w8 and "u8 x u8 MatMulIntegerToFloat" in w8
     assert "100.0x slower" in next(line for line in lines if line.startswith("| ours-w4 "))
 
 
