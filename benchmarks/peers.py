@@ -168,7 +168,7 @@ ALL_VARIANTS = tuple(PEERS + [Variant(k, v.label, "ours", "onnx", OUR_ENGINES) f
 #: (``distill``, with its weights), w8/w4/w3 DirectQ; MSE-clipped group ranges throughout.
 RECIPE = {
     "qat_steps": 80,
-    "steps_for": ("ours-mp24-e2=240",),
+    "steps_for": ("ours-mp24-e2=480",),
     "lr_for": (),
     "distill": ("ours-mp24-e2",),
     "distill_alpha": 0.5,
