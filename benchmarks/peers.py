@@ -717,7 +717,8 @@ NOTES = [
     "  load average before each process (min-max over the repeats).",
     "- `ort` is our portable file rewritten in memory to onnxruntime's own `MatMulNBits`/`GatherBlockQuantized`",
     "  kernels; 3-bit weights are widened to 4 bits at load (onnxruntime 1.32 refuses 3), so a 2/3 MP or w3",
-    "  model holds more bytes in DRAM than its file and runs at 4-bit kernel speed. Our activations are",
+    "  model holds more bytes in DRAM than its file and runs at 4-bit kernel speed. 8-bit layers (and the 8-bit",
+    "  pooler/classifier) run as u8 x u8 `MatMulIntegerToFloat` on their codes (exact). Our activations are",
     "  fake-quantized to 8 bits in the graph (QuantizeLinear/DequantizeLinear pairs), work the peers' weight-only",
     "  and dynamic-int8 graphs do not do.",
     "- `ort-custom` runs our QMatMul/QGather as onnxruntime-extensions Python ops (NumPy kernels): DRAM near `ort`'s,",
@@ -786,7 +787,7 @@ def markdown(rows: list[dict], meta: dict, pngs: list[str], img_dir: str = "") -
         ("Time per phase (s): " + "; ".join(f"{m}: build {t['build_s']}, accuracy {t['accuracy_s']}, measure {t['measure_s']}"
                                            for m, t in meta["phases_s"].items()) + ".  ") if meta.get("phases_s") else "",
         ("Ours: " + "; ".join(f"{m}: {how}" for m, how in _methods(meta).items()) + ". 128 groups per matrix; "
-         "embeddings (8-bit unless the label says otherwise), pooler, classifier and activations 8-bit. The MP plans' "
+         "embeddings, pooler and classifier 8-bit unless the label or plan says otherwise; activations 8-bit. The MP plans' "
          "higher-width layers are in brackets: on MiniLM the top layers by Hessian Omega "
          f"({meta.get('sensitivity', 'models/minilm-rt/sensitivity.json')}, ranking {meta.get('ranking', '?')}), "
          "on BERT-base (random weights, no Hessian) the first half. "
