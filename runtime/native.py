@@ -159,9 +159,7 @@ def _packed_rows(values: np.ndarray, bits: int) -> np.ndarray:
 
 def _blocks(scales, zero_points, rows: int, groups: int, blocks: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-row group scale/zero repeated over ``blocks`` blocks: ``scales [rows, blocks]``, packed zeros."""
-    per_group = rows // groups
-    row_scale = np.repeat(np.asarray(scales, np.float32).reshape(-1), per_group)
-    row_zero = np.repeat(np.asarray(zero_points, np.uint8).reshape(-1), per_group)
+    row_scale, row_zero = _row_params(scales, zero_points, rows, groups)
     block_scale = np.ascontiguousarray(np.broadcast_to(row_scale[:, None], (rows, blocks)))
     block_zero = np.broadcast_to(row_zero[:, None], (rows, blocks))
     return block_scale, _packed_rows(block_zero, bits)
