@@ -585,12 +585,14 @@ def slower_why(key: str, engine: str) -> str:
         return "QMatMul/QGather are onnxruntime-extensions Python ops: NumPy unpacks the codes and runs an fp32 matmul on every call"
     spec = OURS[key]
     widths = sorted({spec.bits} | ({spec.high_bits} if spec.high_bits else set()))
-    nbits = sorted({4 if b in (2, 3) else b for b in widths if b < 7})
+    from qbert_edge.runtime.native import UINT8_MIN_BITS
+
+    nbits = sorted({4 if b in (2, 3) else b for b in widths if b < UINT8_MIN_BITS})
     why = []
     if nbits:
         why.append(f"encoder as MatMulNBits {'/'.join(map(str, nbits))}-bit at accuracy_level 0 (fp32 compute), "
                    "where ORT int8 runs int8 GEMMs")
-    if any(b >= 7 for b in widths):
+    if any(b >= UINT8_MIN_BITS for b in widths):
         why.append("8-bit layers as u8 x u8 MatMulIntegerToFloat with static activation ranges (ORT int8: u8 x s8, "
                    "dynamic ranges)")
     if 3 in widths:
